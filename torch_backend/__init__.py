@@ -1,0 +1,1 @@
+"""The torch backend: the shared jaxdiff config run with diffusers + accelerate on GPUs. Torch is imported only here."""
