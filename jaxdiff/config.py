@@ -1,0 +1,441 @@
+"""The one training config, shared by the JAX core and the torch backend.
+
+Field names are the flags of diffusers' training scripts (``train_text_to_image.py``, ``..._sdxl.py``,
+``train_lcm_distill_*_wds.py``, ``train_unconditional.py``) with the same meanings, so a diffusers user can
+paste their flags; jaxdiff's own additions are marked "(jaxdiff)". Every field carries its help text, its
+theme (for ``--help``) and the tasks and backends that honour it: a field set for a task or backend that
+does not use it is refused by name, never silently ignored.
+
+This module imports neither jax nor torch.
+"""
+
+import re
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+Backend = Literal["jax", "torch"]
+Task = Literal["text_to_image", "sdxl", "lcm", "lcm_sdxl", "lcm_lora", "unconditional"]
+
+BACKENDS: tuple[str, ...] = ("jax", "torch")
+TASKS: tuple[str, ...] = ("text_to_image", "sdxl", "lcm", "lcm_sdxl", "lcm_lora", "unconditional")
+LCM_TASKS = ("lcm", "lcm_sdxl", "lcm_lora")
+TEXT_TASKS = ("text_to_image", "sdxl", *LCM_TASKS)
+FINETUNE_TASKS = ("text_to_image", "sdxl", "unconditional")
+SDXL_TASKS = ("sdxl", "lcm_sdxl")
+
+GROUPS: tuple[str, ...] = (
+    "Run",
+    "Model",
+    "Data",
+    "Training",
+    "Optimizer",
+    "Diffusion",
+    "LCM distillation",
+    "Unconditional",
+    "Memory and speed",
+    "Checkpoints",
+    "Validation",
+    "Logging",
+    "Export and hub",
+)
+
+MESH_PATTERN = re.compile(r"^([1-9]\d*)x([1-9]\d*)$")
+
+
+def _field(
+    default: Any,
+    description: str,
+    *,
+    group: str,
+    tasks: tuple[str, ...] = TASKS,
+    backends: tuple[str, ...] = BACKENDS,
+    **kwargs: Any,
+) -> Any:
+    """A config field with its help text, theme and the tasks/backends that honour it."""
+    assert group in GROUPS, group
+    extra = {"group": group, "tasks": list(tasks), "backends": list(backends)}
+    return Field(default, description=description, json_schema_extra=extra, **kwargs)
+
+
+class TrainConfig(BaseModel):
+    """Everything a training run needs; defaults < YAML < CLI."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+    # Run
+    backend: Backend = _field(
+        "jax", "(jaxdiff) Training backend: the JAX core, or diffusers + accelerate.", group="Run"
+    )
+    task: Task | None = _field(
+        None,
+        "(jaxdiff) What to train. Inferred from the model folder's model_index.json, or from "
+        "--pretrained_teacher_model, when left out.",
+        group="Run",
+    )
+    mesh: str | None = _field(
+        None,
+        "(jaxdiff) Device mesh 'DxM': D data-parallel replicas x M parameter shards (FSDP-style). "
+        "Default: every device on the data axis.",
+        group="Run",
+        backends=("jax",),
+    )
+    output_dir: str = _field(
+        "jaxdiff-model",
+        "Where the final diffusers pipeline, checkpoints/, samples/, metrics.jsonl and config.yaml are written.",
+        group="Run",
+    )
+    overwrite_output_dir: bool = _field(
+        False,
+        "(jaxdiff) Allow writing into an existing non-empty output_dir without resuming from it.",
+        group="Run",
+    )
+    seed: int | None = _field(
+        None,
+        "Seed for data order, augmentation, noise and initialisation; drawn at start and recorded in "
+        "config.yaml when not given.",
+        group="Run",
+        ge=0,
+    )
+
+    # Model
+    pretrained_model_name_or_path: str | None = _field(
+        None,
+        "Hub id or local folder of the pretrained diffusers pipeline (for LCM: the student's base, defaults to "
+        "the teacher).",
+        group="Model",
+    )
+    revision: str | None = _field(None, "Hub revision of the pretrained model.", group="Model")
+    variant: str | None = _field(
+        None, "Weight file variant to load, e.g. 'fp16' for diffusion_pytorch_model.fp16.safetensors.", group="Model"
+    )
+    pretrained_vae_model_name_or_path: str | None = _field(
+        None,
+        "A different VAE, e.g. madebyollin/sdxl-vae-fp16-fix for SDXL in half precision.",
+        group="Model",
+        tasks=("text_to_image", "sdxl", *LCM_TASKS),
+    )
+    pretrained_teacher_model: str | None = _field(
+        None, "Hub id or local folder of the teacher pipeline to distill.", group="Model", tasks=LCM_TASKS
+    )
+    model_config_name_or_path: str | None = _field(
+        None,
+        "UNet2DModel config (folder or config.json) to train from scratch; default: the butterflies tutorial's UNet.",
+        group="Model",
+        tasks=("unconditional",),
+    )
+    cache_dir: str | None = _field(None, "Where downloaded models and datasets are cached.", group="Model")
+    allow_pickled_weights: bool = _field(
+        False,
+        "(jaxdiff) Allow loading pickled .bin weights (read with torch.load(weights_only=True)); safetensors "
+        "only by default.",
+        group="Model",
+    )
+    train_text_encoder: bool = _field(
+        False, "(jaxdiff) Fine-tune the text encoder(s) too.", group="Model", tasks=("text_to_image", "sdxl")
+    )
+
+    # Data
+    dataset_name: str | None = _field(
+        None,
+        "Hub id or local folder of a datasets dataset, or 'tfds:NAME[/CONFIG]' for TensorFlow Datasets.",
+        group="Data",
+    )
+    dataset_config_name: str | None = _field(None, "Dataset configuration name.", group="Data")
+    train_data_dir: str | None = _field(
+        None, "Image folder with metadata.jsonl or metadata.csv (file_name + caption).", group="Data"
+    )
+    train_shards_path_or_url: str | None = _field(
+        None,
+        "WebDataset tar shards: a path, a brace pattern like shards/{00000..01099}.tar, or a 'pipe:' command.",
+        group="Data",
+    )
+    tfds_data_dir: str | None = _field(None, "(jaxdiff) data_dir for tfds: datasets.", group="Data")
+    image_column: str | None = _field(
+        None, "Dataset column holding the image (default: 'image', else the first column).", group="Data"
+    )
+    caption_column: str | None = _field(
+        None,
+        "Dataset column holding the caption(s) (default: 'text', else the second column).",
+        group="Data",
+        tasks=TEXT_TASKS,
+    )
+    max_train_samples: int | None = _field(
+        None, "Truncate the dataset to this many samples (debugging, quick runs).", group="Data", gt=0
+    )
+    resolution: int = _field(
+        512, "Training image size in pixels (shorter side resize, then crop).", group="Data", gt=0
+    )
+    center_crop: bool = _field(False, "Center crop to resolution (default: random crop).", group="Data")
+    random_flip: bool = _field(False, "Randomly flip images horizontally.", group="Data")
+    image_interpolation_mode: Literal["lanczos", "bilinear", "bicubic", "nearest", "box", "hamming"] = _field(
+        "lanczos", "Resampling filter used to resize images.", group="Data"
+    )
+    proportion_empty_prompts: float = _field(
+        0.0,
+        "Fraction of captions replaced by the empty prompt (for classifier-free guidance).",
+        group="Data",
+        tasks=TEXT_TASKS,
+        ge=0.0,
+        le=1.0,
+    )
+    dataloader_num_workers: int = _field(
+        0, "Background workers decoding and augmenting images (0: in the main process).", group="Data", ge=0
+    )
+    cache_latents: bool = _field(
+        False,
+        "(jaxdiff) Encode images with the VAE (and captions) once, cache on disk, and train from the cache.",
+        group="Data",
+    )
+    latent_cache_dir: str | None = _field(
+        None, "(jaxdiff) Where the latent cache lives (default: output_dir/latent_cache).", group="Data"
+    )
+
+    # Training
+    train_batch_size: int = _field(16, "Batch size per device.", group="Training", gt=0)
+    global_batch_size: int | None = _field(
+        None,
+        "(jaxdiff) Global batch size split over all devices; overrides train_batch_size and must divide evenly.",
+        group="Training",
+        backends=("jax",),
+        gt=0,
+    )
+    num_train_epochs: int = _field(100, "Epochs to train (max_train_steps wins when set).", group="Training", gt=0)
+    max_train_steps: int | None = _field(
+        None, "Optimizer steps to train; overrides num_train_epochs.", group="Training", gt=0
+    )
+    gradient_accumulation_steps: int = _field(
+        1, "Micro-batches accumulated per optimizer step.", group="Training", gt=0
+    )
+    max_grad_norm: float = _field(1.0, "Clip gradients to this global norm (0 disables).", group="Training", ge=0.0)
+    mixed_precision: Literal["no", "fp16", "bf16"] = _field(
+        "no", "Compute precision; master weights stay float32.", group="Training"
+    )
+    use_ema: bool = _field(
+        False,
+        "Keep an exponential moving average of the trained weights (exported by default).",
+        group="Training",
+        tasks=FINETUNE_TASKS,
+    )
+    ema_decay: float | None = _field(
+        None,
+        "EMA decay: the maximum decay of the fine-tuning EMA (default 0.9999), or the LCM target network's "
+        "decay (default 0.95).",
+        group="Training",
+        gt=0.0,
+        lt=1.0,
+    )
+    ema_use_warmup: bool = _field(
+        False,
+        "Use diffusers' EMA warmup: decay = 1 - (1 + step / inv_gamma) ** -power.",
+        group="Training",
+        tasks=FINETUNE_TASKS,
+    )
+    ema_inv_gamma: float = _field(1.0, "EMA warmup inv_gamma.", group="Training", tasks=FINETUNE_TASKS, gt=0.0)
+    ema_power: float = _field(2 / 3, "EMA warmup power.", group="Training", tasks=FINETUNE_TASKS, gt=0.0)
+
+    # Optimizer
+    learning_rate: float = _field(1e-4, "Peak learning rate (after warmup).", group="Optimizer", gt=0.0)
+    scale_lr: bool = _field(
+        False,
+        "Multiply the learning rate by devices x batch size x accumulation steps.",
+        group="Optimizer",
+    )
+    lr_scheduler: Literal[
+        "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"
+    ] = _field("constant", "Learning-rate schedule (curves equal diffusers' get_scheduler).", group="Optimizer")
+    lr_warmup_steps: int = _field(500, "Linear warmup steps.", group="Optimizer", ge=0)
+    lr_num_cycles: int = _field(1, "Hard restarts for cosine_with_restarts.", group="Optimizer", gt=0)
+    lr_power: float = _field(1.0, "Power of the polynomial schedule.", group="Optimizer", gt=0.0)
+    use_8bit_adam: bool = _field(
+        False, "8-bit AdamW optimizer states (bitsandbytes).", group="Optimizer", backends=("torch",)
+    )
+    adam_beta1: float = _field(0.9, "AdamW first-moment decay (beta1).", group="Optimizer", ge=0.0, lt=1.0)
+    adam_beta2: float = _field(0.999, "AdamW second-moment decay (beta2).", group="Optimizer", ge=0.0, lt=1.0)
+    adam_weight_decay: float = _field(1e-2, "AdamW decoupled weight decay.", group="Optimizer", ge=0.0)
+    adam_epsilon: float = _field(1e-8, "AdamW denominator epsilon.", group="Optimizer", gt=0.0)
+
+    # Diffusion
+    prediction_type: Literal["epsilon", "v_prediction", "sample"] | None = _field(
+        None, "Training target; default: the scheduler config's prediction_type.", group="Diffusion"
+    )
+    snr_gamma: float | None = _field(
+        None, "Min-SNR-gamma loss weighting (recommended 5.0); off when unset.", group="Diffusion", gt=0.0
+    )
+    noise_offset: float = _field(
+        0.0, "Offset noise scale: noise += offset * randn(B, C, 1, 1).", group="Diffusion", ge=0.0
+    )
+    input_perturbation: float = _field(
+        0.0, "Input perturbation scale (noise for add_noise = noise + p * randn).", group="Diffusion", ge=0.0
+    )
+    timestep_bias_strategy: Literal["none", "earlier", "later", "range"] = _field(
+        "none", "Bias timestep sampling towards earlier or later timesteps, or a range.", group="Diffusion"
+    )
+    timestep_bias_multiplier: float = _field(
+        1.0, "Weight multiplier of the biased timesteps (must be > 0).", group="Diffusion"
+    )
+    timestep_bias_begin: int = _field(0, "First timestep of the 'range' bias.", group="Diffusion", ge=0)
+    timestep_bias_end: int = _field(1000, "End timestep of the 'range' bias.", group="Diffusion", ge=0)
+    timestep_bias_portion: float = _field(
+        0.25, "Portion of timesteps the earlier/later bias covers.", group="Diffusion", gt=0.0, le=1.0
+    )
+    loss_type: Literal["l2", "huber"] = _field("l2", "Loss between prediction and target.", group="Diffusion")
+    huber_c: float = _field(0.001, "Pseudo-Huber loss parameter c.", group="Diffusion", gt=0.0)
+
+    # LCM distillation
+    w_min: float = _field(
+        5.0, "Minimum guidance scale sampled for distillation.", group="LCM distillation", tasks=LCM_TASKS
+    )
+    w_max: float = _field(
+        15.0, "Maximum guidance scale sampled for distillation.", group="LCM distillation", tasks=LCM_TASKS
+    )
+    num_ddim_timesteps: int = _field(
+        50, "Timesteps of the skipping-step DDIM solver.", group="LCM distillation", tasks=LCM_TASKS, gt=0
+    )
+    timestep_scaling_factor: float = _field(
+        10.0, "Boundary-condition timestep scaling.", group="LCM distillation", tasks=LCM_TASKS, gt=0.0
+    )
+    unet_time_cond_proj_dim: int = _field(
+        256,
+        "Dimension of the guidance-scale embedding added to the student UNet.",
+        group="LCM distillation",
+        tasks=("lcm", "lcm_sdxl"),
+        gt=0,
+    )
+    lora_rank: int = _field(64, "Rank of the LoRA adapters.", group="LCM distillation", tasks=("lcm_lora",), gt=0)
+    lora_alpha: int = _field(
+        64, "LoRA alpha (scale = alpha / rank).", group="LCM distillation", tasks=("lcm_lora",), gt=0
+    )
+
+    # Unconditional
+    ddpm_num_steps: int = _field(
+        1000, "Training timesteps of the DDPM schedule.", group="Unconditional", tasks=("unconditional",), gt=0
+    )
+    ddpm_beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = _field(
+        "linear", "Beta schedule of the DDPM scheduler.", group="Unconditional", tasks=("unconditional",)
+    )
+
+    # Memory and speed
+    gradient_checkpointing: bool = _field(
+        False, "Recompute activations in the backward pass to save memory.", group="Memory and speed"
+    )
+    attention_implementation: Literal["xla", "cudnn"] = _field(
+        "xla", "(jaxdiff) Attention kernel of the JAX models.", group="Memory and speed", backends=("jax",)
+    )
+    enable_xformers_memory_efficient_attention: bool = _field(
+        False, "Use xFormers attention (needs xformers and CUDA).", group="Memory and speed", backends=("torch",)
+    )
+    allow_tf32: bool = _field(
+        False, "Allow TF32 matmuls on Ampere+ GPUs.", group="Memory and speed", backends=("torch",)
+    )
+
+    # Checkpoints
+    checkpointing_steps: int = _field(500, "Save a checkpoint every N optimizer steps.", group="Checkpoints", gt=0)
+    checkpoints_total_limit: int | None = _field(
+        None, "Keep at most this many checkpoints (oldest removed first).", group="Checkpoints", gt=0
+    )
+    resume_from_checkpoint: str | None = _field(
+        None, "'latest' (in output_dir/checkpoints) or a checkpoint path to continue from.", group="Checkpoints"
+    )
+
+    # Validation
+    validation_prompts: list[str] | None = _field(
+        None, "Prompts sampled at each validation.", group="Validation", tasks=TEXT_TASKS
+    )
+    validation_epochs: int | None = _field(None, "Validate every N epochs.", group="Validation", gt=0)
+    validation_steps: int | None = _field(None, "Validate every N optimizer steps.", group="Validation", gt=0)
+    num_validation_images: int = _field(4, "Images per validation prompt.", group="Validation", gt=0)
+    validation_guidance_scale: float = _field(
+        7.5, "(jaxdiff) Classifier-free guidance scale of validation sampling.", group="Validation", tasks=TEXT_TASKS
+    )
+    validation_num_inference_steps: int = _field(
+        25,
+        "Sampling steps of validation images (LCM: 4; unconditional: ddpm_num_inference_steps).",
+        group="Validation",
+        gt=0,
+    )
+
+    # Logging
+    logging_steps: int = _field(
+        10, "(jaxdiff) Log metrics every N optimizer steps (fetching them from the device).", group="Logging", gt=0
+    )
+    report_to: Literal["tensorboard", "wandb", "all", "none"] = _field(
+        "tensorboard", "Where metrics go besides output_dir/metrics.jsonl.", group="Logging"
+    )
+    logging_dir: str = _field("logs", "TensorBoard log folder, relative to output_dir.", group="Logging")
+    tracker_project_name: str = _field("jaxdiff", "W&B project name.", group="Logging")
+
+    # Export and hub
+    export_dtype: Literal["fp32", "fp16", "bf16"] = _field(
+        "fp32", "(jaxdiff) dtype of the exported diffusers weights.", group="Export and hub"
+    )
+    export_ema: bool = _field(
+        True, "(jaxdiff) Export the EMA weights when use_ema is on.", group="Export and hub", tasks=FINETUNE_TASKS
+    )
+    push_to_hub: bool = _field(False, "Upload the final pipeline to the Hugging Face Hub.", group="Export and hub")
+    hub_model_id: str | None = _field(None, "Hub repository for push_to_hub.", group="Export and hub")
+    hub_token: str | None = _field(
+        None,
+        "Hub token for push_to_hub (prefer `hf auth login`; the token is never written to config.yaml).",
+        group="Export and hub",
+        exclude=True,
+    )
+
+    @field_validator("mesh")
+    @classmethod
+    def _mesh_format(cls, value: str | None) -> str | None:
+        if value is not None and not MESH_PATTERN.match(value):
+            raise ValueError("must be 'DxM' with positive integers, e.g. 8x1, 2x4 or 1x8")
+        return value
+
+    @field_validator("validation_prompts")
+    @classmethod
+    def _prompts_not_empty(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None and not value:
+            raise ValueError("must hold at least one prompt (or leave it unset)")
+        return value
+
+    @model_validator(mode="after")
+    def _cross_field_rules(self) -> "TrainConfig":
+        sources = [
+            name for name in ("dataset_name", "train_data_dir", "train_shards_path_or_url") if getattr(self, name)
+        ]
+        if len(sources) > 1:
+            raise ValueError(f"give one data source, not {' and '.join(sources)}")
+        if self.timestep_bias_multiplier <= 0:
+            raise ValueError(
+                f"timestep_bias_multiplier={self.timestep_bias_multiplier} must be > 0 "
+                "(use timestep_bias_strategy none to disable the bias)"
+            )
+        if self.timestep_bias_strategy == "range" and self.timestep_bias_begin >= self.timestep_bias_end:
+            raise ValueError(
+                f"timestep_bias_begin={self.timestep_bias_begin} must be < timestep_bias_end={self.timestep_bias_end}"
+            )
+        if self.w_min > self.w_max:
+            raise ValueError(f"w_min={self.w_min} must be <= w_max={self.w_max}")
+        if self.validation_epochs is not None and self.validation_steps is not None:
+            raise ValueError("give validation_epochs or validation_steps, not both")
+        if self.push_to_hub and not self.hub_model_id:
+            raise ValueError("push_to_hub needs hub_model_id")
+        return self
+
+
+def field_meta(name: str) -> dict[str, Any]:
+    """The theme, tasks and backends recorded on a field."""
+    extra = TrainConfig.model_fields[name].json_schema_extra
+    assert isinstance(extra, dict)
+    return extra
+
+
+def unsupported_fields(config: TrainConfig) -> list[str]:
+    """Fields the user set that the config's task or backend does not honour, each with the reason."""
+    problems = []
+    for name in sorted(config.model_fields_set):
+        meta = field_meta(name)
+        if config.backend not in meta["backends"]:
+            problems.append(
+                f"--{name} is not supported by the {config.backend} backend (only {', '.join(meta['backends'])})"
+            )
+        elif config.task is not None and config.task not in meta["tasks"]:
+            problems.append(f"--{name} does not apply to task {config.task} (only {', '.join(meta['tasks'])})")
+    return problems

@@ -1,0 +1,61 @@
+"""The device mesh: built from 'DxM', checked against the devices, and the batch checked against it.
+
+Axis ``data`` carries data parallelism; axis ``fsdp`` shards parameters, optimizer state and EMA
+(FSDP-style). The global batch is split over all devices of both axes.
+"""
+
+import os
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh
+
+from jaxdiff.cli import ConfigError
+from jaxdiff.config import MESH_PATTERN
+
+DATA_AXIS = "data"
+FSDP_AXIS = "fsdp"
+
+
+def maybe_initialize_distributed() -> None:
+    """Join the multi-host job when launched as one (TPU pod slice, or an explicit coordinator)."""
+    hosts = [h for h in os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]
+    if os.environ.get("JAX_COORDINATOR_ADDRESS") or len(hosts) > 1:
+        jax.distributed.initialize()
+
+
+def mesh_shape(spec: str | None, device_count: int) -> tuple[int, int]:
+    """(data, fsdp) sizes for a 'DxM' spec; all devices on the data axis when spec is None."""
+    if spec is None:
+        return device_count, 1
+    match = MESH_PATTERN.match(spec)
+    if not match:
+        raise ConfigError(f"--mesh={spec!r}: must be 'DxM' with positive integers, e.g. {device_count}x1")
+    data, fsdp = int(match.group(1)), int(match.group(2))
+    if data * fsdp != device_count:
+        fits = ", ".join(f"{d}x{device_count // d}" for d in range(device_count, 0, -1) if device_count % d == 0)
+        raise ConfigError(
+            f"--mesh={spec!r} needs {data * fsdp} devices but {device_count} are available; meshes that fit: {fits}"
+        )
+    return data, fsdp
+
+
+def make_mesh(spec: str | None, devices: list[jax.Device] | None = None) -> Mesh:
+    """The ('data', 'fsdp') mesh over all (or the given) devices."""
+    devices = jax.devices() if devices is None else devices
+    shape = mesh_shape(spec, len(devices))
+    return Mesh(np.asarray(devices).reshape(shape), (DATA_AXIS, FSDP_AXIS), axis_types=(AxisType.Auto,) * 2)
+
+
+def global_batch_size(train_batch_size: int, requested_global: int | None, mesh: Mesh) -> int:
+    """The global batch: train_batch_size per device, or the requested global size if it divides evenly."""
+    if requested_global is None:
+        return train_batch_size * mesh.size
+    if requested_global % mesh.size:
+        raise ConfigError(
+            f"--global_batch_size={requested_global} does not divide over the {mesh.size} devices of mesh "
+            f"{mesh.shape[DATA_AXIS]}x{mesh.shape[FSDP_AXIS]}; use a multiple of {mesh.size}"
+        )
+    if requested_global % jax.process_count():
+        raise ConfigError(f"--global_batch_size={requested_global} does not divide over {jax.process_count()} hosts")
+    return requested_global
