@@ -22,3 +22,5 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 jax.config.update("jax_threefry_partitionable", True)
 # Parity tests compare against torch float32: no reduced-precision matmuls.
 jax.config.update("jax_default_matmul_precision", "highest")
+
+pytest_plugins = ["tests.fixtures.pipelines", "tests.fixtures.datasets"]
