@@ -5,16 +5,24 @@ Axis ``data`` carries data parallelism; axis ``fsdp`` shards parameters, optimiz
 """
 
 import os
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import numpy as np
-from jax.sharding import AxisType, Mesh
+from flax import nnx
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from jaxdiff.cli import ConfigError
 from jaxdiff.config import MESH_PATTERN
 
 DATA_AXIS = "data"
 FSDP_AXIS = "fsdp"
+
+# Logical axis names (declared where parameters are created, see jaxdiff.models.nn), in the order they are
+# preferred for sharding over the fsdp axis. Each parameter shards its first preferred dimension that
+# divides evenly; parameters with none (norm scales, odd sizes) are replicated.
+FSDP_PREFERENCE: tuple[str, ...] = ("out", "vocab", "in", "embed")
 
 
 def maybe_initialize_distributed() -> None:
@@ -59,3 +67,31 @@ def global_batch_size(train_batch_size: int, requested_global: int | None, mesh:
     if requested_global % jax.process_count():
         raise ConfigError(f"--global_batch_size={requested_global} does not divide over {jax.process_count()} hosts")
     return requested_global
+
+
+def logical_to_spec(names: Sequence[str | None] | None, shape: Sequence[int], fsdp_size: int) -> PartitionSpec:
+    """PartitionSpec for one parameter: shard its best-preferred evenly divisible logical axis over fsdp."""
+    if not names or fsdp_size == 1:
+        return PartitionSpec()
+    for preferred in FSDP_PREFERENCE:
+        for dim, (name, size) in enumerate(zip(names, shape, strict=True)):
+            if name == preferred and size % fsdp_size == 0:
+                return PartitionSpec(*(FSDP_AXIS if i == dim else None for i in range(len(shape))))
+    return PartitionSpec()
+
+
+def state_shardings(state: Any, mesh: Mesh) -> Any:
+    """NamedShardings for an (abstract) nnx state, same tree structure, from the parameters' logical names."""
+    fsdp_size = mesh.shape[FSDP_AXIS]
+
+    def sharding(variable: nnx.Variable) -> nnx.Variable:
+        names = variable.get_metadata().get("out_sharding")
+        spec = logical_to_spec(names, variable.get_value().shape, fsdp_size)
+        return variable.replace(NamedSharding(mesh, spec))
+
+    return jax.tree.map(sharding, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Batches split their leading axis over every device of both mesh axes."""
+    return NamedSharding(mesh, PartitionSpec((DATA_AXIS, FSDP_AXIS)))

@@ -1,0 +1,173 @@
+"""The base of every jaxdiff model: typed configs that are diffusers/transformers ``config.json`` files, and
+``from_config`` / ``from_pretrained`` / ``save_pretrained`` on folders the torch libraries read and write."""
+
+import dataclasses
+import importlib.metadata
+import json
+import os
+import warnings
+from collections.abc import Mapping
+from typing import Any, ClassVar, Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.typing import DTypeLike
+from typing_extensions import Self
+
+from jaxdiff import weights
+
+ConfigFormat = Literal["diffusers", "transformers"]
+
+# Bookkeeping keys transformers writes beside the fields; save_pretrained derives them from the model class.
+_TRANSFORMERS_METADATA_KEYS = frozenset(
+    {"architectures", "model_type", "transformers_version", "torch_dtype", "dtype"}
+)
+
+
+def _to_tuples(value: Any) -> Any:
+    """JSON lists (nested too, e.g. SDXL's ``reverse_transformer_layers_per_block``) -> hashable tuples."""
+    return tuple(map(_to_tuples, value)) if isinstance(value, list) else value
+
+
+def _to_lists(value: Any) -> Any:
+    return list(map(_to_lists, value)) if isinstance(value, tuple) else value
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Base of model configs: frozen dataclasses whose fields are the torch library's ``config.json`` keys,
+    unchanged (misnomers included) and with the torch class's defaults. Sequences are stored as tuples."""
+
+    model_type: ClassVar[str | None] = None  # transformers' ``model_type``; None for diffusers configs
+
+    @classmethod
+    def from_dict(cls, config: Mapping[str, Any]) -> Self:
+        """Builds the config from a ``config.json`` dict: drops ``_``-prefixed and transformers bookkeeping keys,
+        ignores unknown keys with a warning naming them."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        known = {k: v for k, v in config.items() if k in names}
+        unknown = sorted(
+            k for k in config if k not in names and not k.startswith("_") and k not in _TRANSFORMERS_METADATA_KEYS
+        )
+        if unknown:
+            warnings.warn(f"{cls.__name__}: ignoring unknown config keys {', '.join(unknown)}", stacklevel=2)
+        return cls(**{k: _to_tuples(v) for k, v in known.items()})
+
+    def to_dict(self) -> dict[str, Any]:
+        """The config's fields as JSON-ready values (tuples become lists)."""
+        return {k: _to_lists(v) for k, v in dataclasses.asdict(self).items()}
+
+    def check_supported(self, key: str, *allowed: Any) -> None:
+        """Raises ValueError naming the key and its value unless the value is one of ``allowed``.
+
+        Models call this for every config value they do not implement in full, instead of silently ignoring it.
+        """
+        value = getattr(self, key)
+        if value not in allowed:
+            raise ValueError(
+                f"{type(self).__name__}.{key}={value!r} is not supported by jaxdiff; supported: "
+                + ", ".join(map(repr, allowed))
+            )
+
+
+def _version(package: str, fallback: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return fallback
+
+
+class PretrainedModel(nnx.Module):
+    """Mixin for models loadable from, and savable to, diffusers/transformers folders.
+
+    Every model is built as ``Model(config, *, dtype, param_dtype, attention_impl, gradient_checkpointing, rngs)``
+    (``dtype`` computes, ``param_dtype`` stores) and keeps its config as ``self.config``.
+    """
+
+    config_class: ClassVar[type[ModelConfig]]
+    torch_class_name: ClassVar[str]  # written as ``_class_name`` (diffusers) or ``architectures`` (transformers)
+    config_format: ClassVar[ConfigFormat] = "diffusers"
+    weights_name: ClassVar[str] = "diffusion_pytorch_model.safetensors"
+
+    config: ModelConfig
+
+    @classmethod
+    def _config(cls, config: Mapping[str, Any] | ModelConfig) -> ModelConfig:
+        return config if isinstance(config, cls.config_class) else cls.config_class.from_dict(config)
+
+    @classmethod
+    def from_config(
+        cls, config: Mapping[str, Any] | ModelConfig, *, rngs: nnx.Rngs | None = None, **kwargs: Any
+    ) -> Self:
+        """A randomly initialised model (``rngs`` defaults to ``nnx.Rngs(0)``); kwargs go to the constructor."""
+        return cls(cls._config(config), rngs=rngs or nnx.Rngs(0), **kwargs)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | os.PathLike,
+        subfolder: str | None = None,
+        *,
+        dtype: DTypeLike = jnp.float32,
+        param_dtype: DTypeLike = jnp.float32,
+        variant: str | None = None,
+        allow_pickle: bool = False,
+        **kwargs: Any,
+    ) -> Self:
+        """Loads a diffusers/transformers folder (or Hub repo id) written by ``save_pretrained`` of either library.
+
+        The model is built abstractly and filled from the checkpoint, so no random initialisation happens first.
+        Parameters are cast to ``param_dtype``. Raises ``weights.ModelFilesNotFoundError`` when the folder,
+        subfolder, config or weights are missing, and ``weights.WeightsMismatchError`` when they do not fit.
+        """
+        folder = weights.resolve_folder(path, subfolder, weights_name=cls.weights_name)
+        config = cls._config(weights.read_config(folder))
+        state_dict = weights.read_state_dict(folder, cls.weights_name, variant=variant, allow_pickle=allow_pickle)
+
+        def build() -> Self:
+            return cls(config, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0), **kwargs)
+
+        model = nnx.eval_shape(build)
+        if jax.tree.leaves(nnx.state(model, nnx.Not(nnx.Param))):
+            # Non-parameter state (RNG streams, statistics) is not in checkpoints: compute only that part.
+            nnx.update(model, jax.jit(lambda: nnx.state(build(), nnx.Not(nnx.Param)))())
+        weights.load_state_dict(model, state_dict)
+        return model
+
+    def save_pretrained(
+        self,
+        path: str | os.PathLike,
+        *,
+        max_shard_size: int | str = "10GB",
+        dtype: DTypeLike | None = None,
+        variant: str | None = None,
+    ) -> None:
+        """Writes ``config.json`` and safetensors the torch library loads with its own ``from_pretrained``.
+
+        ``dtype`` casts floating-point tensors on the way out (e.g. ``jnp.float16`` with ``variant="fp16"``).
+        """
+        state_dict = weights.module_to_state_dict(self)
+        if dtype is not None:
+            state_dict = {
+                k: v.astype(dtype) if jnp.issubdtype(v.dtype, jnp.floating) else v for k, v in state_dict.items()
+            }
+        weights.write_state_dict(state_dict, path, self.weights_name, max_shard_size=max_shard_size, variant=variant)
+        config = self.config.to_dict()
+        if self.config_format == "diffusers":
+            config = {
+                "_class_name": self.torch_class_name,
+                "_diffusers_version": _version("diffusers", "0.35.0"),
+                **config,
+            }
+        else:
+            stored = next((v.dtype for v in state_dict.values() if jnp.issubdtype(v.dtype, jnp.floating)), np.float32)
+            config |= {
+                "architectures": [self.torch_class_name],
+                "model_type": self.config_class.model_type,
+                "dtype": np.dtype(stored).name,
+                "transformers_version": _version("transformers", "5.0.0"),
+            }
+        with open(os.path.join(path, "config.json"), "w") as f:
+            f.write(json.dumps(config, indent=2, sort_keys=True) + "\n")

@@ -1,0 +1,312 @@
+"""diffusers/transformers weights <-> NNX modules: key conversion, and safetensors folders in and out.
+
+Models copy the torch module paths, so a dotted NNX path is the torch state-dict key up to the leaf. The leaf
+name and the tensor layout follow from the type of the module that owns the parameter (``nnx.Linear.kernel``
+is torch's ``weight`` transposed, ``nnx.Conv.kernel`` is HWIO where torch is OIHW, ...). Nothing is guessed
+from shapes: loading checks the key sets both ways and every shape, and reports all differences at once.
+"""
+
+import dataclasses
+import json
+import logging
+import os
+import re
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import safetensors.numpy
+from flax import nnx
+from huggingface_hub.serialization import split_state_dict_into_shards_factory
+
+logger = logging.getLogger(__name__)
+
+_Layout = Callable[[np.ndarray], np.ndarray]
+
+
+def _identity(x: np.ndarray) -> np.ndarray:
+    return x
+
+
+def _kernel_to_torch(x: np.ndarray) -> np.ndarray:
+    """(*spatial, in, out) -> (out, in, *spatial); for a Linear, (in, out) -> (out, in)."""
+    return np.transpose(x, (x.ndim - 1, x.ndim - 2, *range(x.ndim - 2)))
+
+
+def _kernel_from_torch(x: np.ndarray) -> np.ndarray:
+    """(out, in, *spatial) -> (*spatial, in, out)."""
+    return np.transpose(x, (*range(2, x.ndim), 1, 0))
+
+
+def _linear_kernel_from_torch(x: np.ndarray) -> np.ndarray:
+    """torch Linear weight (out, in) -> (in, out); a 1x1-conv weight (out, in, 1, 1) counts as a Linear weight."""
+    if x.ndim == 4 and x.shape[2:] == (1, 1):
+        x = x[:, :, 0, 0]
+    return _kernel_from_torch(x)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Leaf:
+    torch_name: str
+    to_torch: _Layout = _identity
+    from_torch: _Layout = _identity
+
+
+_KERNEL = _Leaf("weight", _kernel_to_torch, _kernel_from_torch)
+_LEAVES: dict[tuple[type[nnx.Module], str], _Leaf] = {
+    (nnx.Linear, "kernel"): _Leaf("weight", _kernel_to_torch, _linear_kernel_from_torch),
+    (nnx.Conv, "kernel"): _KERNEL,
+    (nnx.GroupNorm, "scale"): _Leaf("weight"),
+    (nnx.LayerNorm, "scale"): _Leaf("weight"),
+    (nnx.Embed, "embedding"): _Leaf("weight"),
+}
+
+# Older diffusers VAE checkpoints name their attention projections as the deprecated `AttnBlock` did; their
+# 1x1-conv shaped weights load into Linears (see above).
+_DEPRECATED_ATTENTION_RENAMES = (
+    (r"(.*\.)?query\.(weight|bias)", r"\1to_q.\2"),
+    (r"(.*\.)?key\.(weight|bias)", r"\1to_k.\2"),
+    (r"(.*\.)?value\.(weight|bias)", r"\1to_v.\2"),
+    (r"(.*\.)?proj_attn\.(weight|bias)", r"\1to_out.0.\2"),
+)
+
+
+class WeightsMismatchError(ValueError):
+    """A state dict does not fit a module: lists every missing key, unexpected key and shape mismatch."""
+
+
+class ModelFilesNotFoundError(FileNotFoundError):
+    """A model folder lacks what was asked for (config, weights, subfolder); the message names path and files."""
+
+
+def _torch_params(module: nnx.Module) -> Iterator[tuple[str, nnx.Param, _Leaf]]:
+    """Yields (torch key, param, leaf rule) for every ``nnx.Param`` in the module tree."""
+    nodes = dict(nnx.iter_graph(module))
+    for path, node in nodes.items():
+        if not isinstance(node, nnx.Param):
+            continue
+        owner = nodes[path[:-1]]
+        rules = (rule for (cls, name), rule in _LEAVES.items() if name == path[-1] and isinstance(owner, cls))
+        leaf = next(rules, _Leaf(str(path[-1])))
+        yield ".".join(map(str, (*path[:-1], leaf.torch_name))), node, leaf
+
+
+def _key_rules(module: nnx.Module, attribute: str) -> list[tuple[re.Pattern[str], str]]:
+    """The (regex, replacement) rules module classes declare in ``attribute``, for the whole tree.
+
+    A rule is anchored at the path of the module declaring it and applies only to keys below that module.
+    """
+    rules = []
+    for path, sub in nnx.iter_modules(module):
+        prefix = "".join(f"{part}." for part in path)
+        for rule in getattr(type(sub), attribute, ()):
+            pattern, replacement = (rule, "") if isinstance(rule, str) else rule
+            rules.append((re.compile(re.escape(prefix) + f"(?:{pattern})"), prefix + replacement))
+    return rules
+
+
+def module_to_state_dict(module: nnx.Module) -> dict[str, np.ndarray]:
+    """The module's parameters under torch key names and in torch layouts (host numpy arrays)."""
+    return {
+        key: leaf.to_torch(np.asarray(jax.device_get(param.get_value()))) for key, param, leaf in _torch_params(module)
+    }
+
+
+def load_state_dict(module: nnx.Module, state_dict: Mapping[str, np.ndarray]) -> None:
+    """Fills the module's parameters in place from a torch-named state dict, keeping each parameter's dtype.
+
+    Works on abstract modules (from ``nnx.eval_shape``) as well. Raises ``WeightsMismatchError`` listing every
+    missing key, unexpected key and shape mismatch. A key the module does not have is renamed by the first rule
+    of ``_DEPRECATED_ATTENTION_RENAMES`` or of a module's ``_torch_key_renames`` (``(regex, replacement)`` pairs)
+    that gives a key it has, else skipped if it matches a module's ``_ignored_torch_keys`` (regexes), else reported.
+    """
+    params = {key: (param, leaf) for key, param, leaf in _torch_params(module)}
+    ignored = [pattern for pattern, _ in _key_rules(module, "_ignored_torch_keys")]
+    renames = [(re.compile(p), r) for p, r in _DEPRECATED_ATTENTION_RENAMES] + _key_rules(module, "_torch_key_renames")
+    incoming: dict[str, np.ndarray] = {}
+    unexpected = []
+    for key, value in state_dict.items():
+        if key not in params:
+            candidates = (pattern.sub(repl, key, count=1) for pattern, repl in renames if pattern.match(key))
+            renamed = next((new for new in candidates if new in params and new not in state_dict), None)
+            if renamed is not None:
+                key = renamed
+            elif any(p.fullmatch(key) for p in ignored):
+                continue
+            else:
+                unexpected.append(key)
+                continue
+        incoming[key] = value
+
+    missing = sorted(params.keys() - incoming.keys())
+    converted, mismatched = {}, []
+    for key, value in incoming.items():
+        param, leaf = params[key]
+        array = leaf.from_torch(np.asarray(value))
+        current = param.get_value()
+        if array.shape != current.shape:
+            # The model's shape in torch layout, via a zero-stride stand-in (``current`` may be abstract).
+            torch_shape = leaf.to_torch(np.broadcast_to(np.int8(0), current.shape)).shape
+            mismatched.append(f"{key}: checkpoint {tuple(np.shape(value))}, model {tuple(torch_shape)}")
+        else:
+            converted[key] = array
+    if missing or unexpected or mismatched:
+        lines = [f"state dict does not match {type(module).__name__}:"]
+        for title, keys in (
+            ("missing keys", missing),
+            ("unexpected keys", sorted(unexpected)),
+            ("shape mismatches", mismatched),
+        ):
+            if keys:
+                lines.append(f"  {title} ({len(keys)}):")
+                lines += [f"    {k}" for k in keys]
+        raise WeightsMismatchError("\n".join(lines))
+
+    for key, array in converted.items():
+        param = params[key][0]
+        current = param.get_value()
+        value = array.astype(current.dtype)
+        sharding = getattr(current, "sharding", None)
+        param.set_value(jax.device_put(value, sharding) if sharding is not None else jnp.asarray(value))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Model folders: config.json + safetensors (single or sharded with an index), named as diffusers/transformers do.
+
+_PICKLED_NAMES = {
+    "model.safetensors": "pytorch_model.bin",
+    "diffusion_pytorch_model.safetensors": "diffusion_pytorch_model.bin",
+}
+
+
+def _add_variant(name: str, variant: str | None) -> str:
+    """Inserts the variant before the extension: ``model.safetensors.index.json`` -> ``...index.fp16.json``."""
+    if variant is None:
+        return name
+    stem, ext = name.rsplit(".", 1)
+    return f"{stem}.{variant}.{ext}"
+
+
+def resolve_folder(path: str | os.PathLike, subfolder: str | None = None, *, weights_name: str) -> str:
+    """The local folder holding a model: ``path[/subfolder]``, or a Hub snapshot when ``path`` is a repo id."""
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        if os.path.exists(path) or path.count("/") != 1 or path.startswith((".", "/")):
+            raise ModelFilesNotFoundError(f"model folder {path!r} does not exist")
+        prefix = f"{subfolder}/" if subfolder else ""
+        stems = {weights_name.split(".")[0], _PICKLED_NAMES.get(weights_name, weights_name).split(".")[0]}
+        try:
+            from huggingface_hub import snapshot_download
+
+            path = snapshot_download(path, allow_patterns=[f"{prefix}config.json", *(f"{prefix}{s}*" for s in stems)])
+        except Exception as err:  # the Hub raises many types: offline, missing repo, auth
+            message = f"{path!r} is no local folder and could not be fetched from the Hugging Face Hub: {err}"
+            raise ModelFilesNotFoundError(message) from err
+    folder = os.path.join(path, subfolder) if subfolder else path
+    if not os.path.isdir(folder):
+        found = sorted(d for d in os.listdir(path) if os.path.isdir(os.path.join(path, d)))
+        raise ModelFilesNotFoundError(f"{path} has no subfolder {subfolder!r} (subfolders there: {found or 'none'})")
+    return folder
+
+
+def read_config(folder: str | os.PathLike) -> dict[str, Any]:
+    """The folder's ``config.json`` as a dict."""
+    file = os.path.join(folder, "config.json")
+    if not os.path.isfile(file):
+        raise ModelFilesNotFoundError(f"no config.json in {os.fspath(folder)}")
+    with open(file) as f:
+        return json.load(f)
+
+
+def _shard_files(folder: str, index_file: str) -> list[str]:
+    with open(index_file) as f:
+        files = sorted(set(json.load(f)["weight_map"].values()))
+    missing = [name for name in files if not os.path.isfile(os.path.join(folder, name))]
+    if missing:
+        raise ModelFilesNotFoundError(f"{index_file} names shards missing from {folder}: {', '.join(missing)}")
+    return [os.path.join(folder, name) for name in files]
+
+
+def _torch_load(file: str) -> dict[str, np.ndarray]:
+    import torch  # only for opted-in pickled checkpoints
+
+    tensors = torch.load(file, map_location="cpu", weights_only=True)
+    # numpy has no bfloat16 of its own: reinterpret the bits as ml_dtypes' bfloat16 (jnp.bfloat16).
+    return {
+        k: t.view(torch.int16).numpy().view(jnp.bfloat16) if t.dtype == torch.bfloat16 else t.numpy()
+        for k, t in tensors.items()
+    }
+
+
+def read_state_dict(
+    folder: str | os.PathLike, weights_name: str, *, variant: str | None = None, allow_pickle: bool = False
+) -> dict[str, np.ndarray]:
+    """Reads the weights in a folder as a torch-named state dict of numpy arrays.
+
+    Looks for ``weights_name`` (with ``variant`` inserted), then its sharded ``.index.json``; pickled ``.bin``
+    files are read only with ``allow_pickle=True`` (``torch.load(weights_only=True)``).
+    """
+    folder = os.fspath(folder)
+    pickled = _PICKLED_NAMES.get(weights_name)
+    formats: list[tuple[str, Callable[[str], dict[str, np.ndarray]]]] = [(weights_name, safetensors.numpy.load_file)]
+    if pickled:
+        formats.append((pickled, _torch_load))
+    looked_for = []
+    for name, load in formats:
+        single, index = _add_variant(name, variant), _add_variant(f"{name}.index.json", variant)
+        looked_for += [single, index]
+        if os.path.isfile(os.path.join(folder, single)):
+            files = [os.path.join(folder, single)]
+        elif os.path.isfile(os.path.join(folder, index)):
+            files = _shard_files(folder, os.path.join(folder, index))
+        else:
+            continue
+        if load is _torch_load and not allow_pickle:
+            raise ModelFilesNotFoundError(
+                f"no safetensors weights in {folder} (looked for {looked_for[0]}, {looked_for[1]}); it holds pickled "
+                f"{os.path.basename(files[0])}, which runs code when loaded: pass allow_pickle=True to load it anyway"
+            )
+        state_dict: dict[str, np.ndarray] = {}
+        for file in files:
+            state_dict.update(load(file))
+        return state_dict
+    raise ModelFilesNotFoundError(f"no weights in {folder} (looked for {', '.join(looked_for)})")
+
+
+def write_state_dict(
+    state_dict: Mapping[str, np.ndarray],
+    folder: str | os.PathLike,
+    weights_name: str,
+    *,
+    max_shard_size: int | str = "10GB",
+    variant: str | None = None,
+) -> None:
+    """Writes safetensors as diffusers/transformers do: one file, or shards past ``max_shard_size`` plus an index.
+
+    Weight files of the same name and variant left by an earlier save are removed, so the folder is unambiguous.
+    """
+    folder = os.fspath(folder)
+    os.makedirs(folder, exist_ok=True)
+    name = _add_variant(weights_name, variant)
+    index_name = _add_variant(f"{weights_name}.index.json", variant)
+    stem = name.removesuffix(".safetensors")
+    split = split_state_dict_into_shards_factory(
+        dict(state_dict),
+        get_storage_size=lambda a: a.nbytes,
+        filename_pattern=stem + "{suffix}.safetensors",
+        max_shard_size=max_shard_size,
+    )
+    ours = re.compile(rf"{re.escape(stem)}(-\d{{5}}-of-\d{{5}})?\.safetensors|{re.escape(index_name)}")
+    for old in os.listdir(folder):
+        if ours.fullmatch(old) and old not in split.filename_to_tensors:
+            os.remove(os.path.join(folder, old))
+    for filename, keys in split.filename_to_tensors.items():
+        shard = {k: np.ascontiguousarray(state_dict[k]) for k in keys}
+        safetensors.numpy.save_file(shard, os.path.join(folder, filename), metadata={"format": "pt"})
+    if split.is_sharded:
+        index = {"metadata": dict(split.metadata), "weight_map": dict(sorted(split.tensor_to_filename.items()))}
+        with open(os.path.join(folder, index_name), "w") as f:
+            json.dump(index, f, indent=2)
+            f.write("\n")
