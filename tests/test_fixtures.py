@@ -10,8 +10,8 @@ from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 from safetensors.torch import load_file
 from transformers import AutoTokenizer, CLIPTokenizer, CLIPTokenizerFast
 
+from jaxdiff.demo import TINY_VOCAB_WORDS
 from tests.fixtures.pipelines import IMAGE_SIZE, LCM_TIME_COND_PROJ_DIM, MODEL_MAX_LENGTH, build_tiny_sd
-from tests.fixtures.tokenizer import TINY_VOCAB_WORDS
 
 CAPTIONS = ["a photo of a red circle", "the small yellow star on a black background", "an large green triangle"]
 # Uppercase, repeated spaces, punctuation, digits, accents and an emoji: exercises every byte-level fallback.

@@ -10,7 +10,7 @@ from jaxdiff.data.latent_cache import build_latent_cache
 from jaxdiff.data.pipeline import LoaderSpec, make_train_iterator
 from jaxdiff.data.sources import SourceSpec
 from jaxdiff.data.transforms import TransformSpec
-from tests.fixtures.datasets import NUM_SAMPLES
+from jaxdiff.demo import NUM_SAMPLES
 
 FLIP = TransformSpec(resolution=32, center_crop=True, random_flip=True)
 

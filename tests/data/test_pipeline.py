@@ -11,7 +11,7 @@ from jaxdiff.data.errors import DataConfigError, NoUsableDataError
 from jaxdiff.data.pipeline import LoaderSpec, RawExamples, iterate_in_order, make_train_iterator
 from jaxdiff.data.sources import SourceSpec, open_source
 from jaxdiff.data.transforms import EMPTY_CAPTION, UNREADABLE_IMAGE, TransformSpec
-from tests.fixtures.datasets import NUM_SAMPLES, shape_samples, write_imagefolder
+from jaxdiff.demo import NUM_SAMPLES, shape_samples, write_imagefolder
 
 CENTER = TransformSpec(resolution=32, center_crop=True)
 AUGMENT = TransformSpec(resolution=32, center_crop=False, random_flip=True, proportion_empty_prompts=0.3)
