@@ -5,27 +5,26 @@ from collections.abc import Sequence
 from jaxdiff.cli import ConfigError, exit_with, parse_args, resolve, to_yaml
 from jaxdiff.config import TrainConfig
 
-# (backend, task) pairs that train today. Each new task registers here with its runner.
-IMPLEMENTED: dict[tuple[str, str], str] = {}
-
-
-def _prepare_jax(config: TrainConfig) -> None:
-    """Checks that need the devices: after joining the multi-host job, before any work."""
-    from jaxdiff import parallel
-
-    parallel.maybe_initialize_distributed()
-    mesh = parallel.make_mesh(config.mesh)
-    parallel.global_batch_size(config.train_batch_size, config.global_batch_size, mesh)
+# (backend, task) pairs that train today.
+IMPLEMENTED = {("jax", "text_to_image")}
 
 
 def run(config: TrainConfig) -> None:
     """Train with the configured backend and task."""
-    if config.backend == "jax":
-        _prepare_jax(config)
     if (config.backend, config.task) not in IMPLEMENTED:
         raise ConfigError(
             f"task {config.task} is not implemented yet in the {config.backend} backend; nothing was trained"
         )
+    from jaxdiff import trainer
+    from jaxdiff.data import DataConfigError, NoUsableDataError
+    from jaxdiff.weights import ModelFilesNotFoundError, WeightsMismatchError
+
+    try:
+        trainer.train(config)
+    except (DataConfigError, NoUsableDataError, ModelFilesNotFoundError, WeightsMismatchError) as err:
+        raise ConfigError(str(err)) from None
+    except trainer.NonFiniteLossError as err:
+        exit_with(err, code=1)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

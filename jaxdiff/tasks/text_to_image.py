@@ -1,0 +1,170 @@
+"""Text-to-image fine-tuning of SD 1.x/2.x: the diffusers train_text_to_image.py objective, in JAX.
+
+The task owns what is specific to it: which models load and which train, the per-sample random draws, the
+loss, and the validation sampler. The trainer owns everything else.
+"""
+
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from transformers import CLIPTokenizer
+
+from jaxdiff import diffusion
+from jaxdiff.config import TrainConfig
+from jaxdiff.models.autoencoder_kl import AutoencoderKL
+from jaxdiff.models.clip import CLIPTextModel
+from jaxdiff.models.unet_2d_condition import UNet2DConditionModel
+from jaxdiff.weights import read_config, resolve_folder
+
+COMPUTE_DTYPES = {"no": jnp.float32, "bf16": jnp.bfloat16, "fp16": jnp.float16}
+
+Batch = dict[str, jax.Array]
+Models = dict[str, nnx.Module]
+
+
+class TextToImage:
+    """UNet (and optionally the text encoder) trained on (image, caption) pairs; VAE frozen."""
+
+    name = "text_to_image"
+
+    def __init__(self, config: TrainConfig) -> None:
+        self.config = config
+        root = Path(resolve_folder(config.pretrained_model_name_or_path, weights_name="model_index.json"))
+        self.model_path = root
+        compute = COMPUTE_DTYPES[config.mixed_precision]
+        load = {"variant": config.variant, "allow_pickle": config.allow_pickled_weights}
+        runtime = {"attention_impl": config.attention_implementation}
+        self.tokenizer = CLIPTokenizer.from_pretrained(root / "tokenizer")
+        self.unet = UNet2DConditionModel.from_pretrained(
+            root, "unet", dtype=compute, gradient_checkpointing=config.gradient_checkpointing, **load, **runtime
+        )
+        text_dtype = jnp.float32 if config.train_text_encoder else compute
+        self.text_encoder = CLIPTextModel.from_pretrained(
+            root, "text_encoder", dtype=compute, param_dtype=text_dtype, **load, **runtime
+        )
+        vae_path, vae_sub = (
+            (config.pretrained_vae_model_name_or_path, None)
+            if config.pretrained_vae_model_name_or_path
+            else (root, "vae")
+        )
+        vae_folder = resolve_folder(vae_path, vae_sub, weights_name=AutoencoderKL.weights_name)
+        # diffusers keeps a VAE marked force_upcast (SDXL's) in float32 whatever the training precision.
+        self.vae_dtype = jnp.float32 if read_config(vae_folder).get("force_upcast", True) else compute
+        self.vae = AutoencoderKL.from_pretrained(
+            vae_folder, dtype=self.vae_dtype, param_dtype=self.vae_dtype, **load, **runtime
+        )
+        scheduler = json.loads((root / "scheduler" / "scheduler_config.json").read_text())
+        if config.prediction_type:
+            scheduler["prediction_type"] = config.prediction_type
+        self.schedule = diffusion.NoiseSchedule.from_config(scheduler)
+        self.timestep_weights = (
+            None
+            if config.timestep_bias_strategy == "none"
+            else diffusion.timestep_bias_weights(
+                self.schedule.num_train_timesteps,
+                config.timestep_bias_strategy,
+                config.timestep_bias_multiplier,
+                config.timestep_bias_begin,
+                config.timestep_bias_end,
+                config.timestep_bias_portion,
+            )
+        )
+        vae_scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        latent_size = config.resolution // vae_scale
+        self.latent_shape = (self.unet.config.in_channels, latent_size, latent_size)
+
+    @property
+    def trainable(self) -> Models:
+        """Modules whose parameters are optimised (and exported)."""
+        models: Models = {"unet": self.unet}
+        if self.config.train_text_encoder:
+            models["text_encoder"] = self.text_encoder
+        return models
+
+    @property
+    def frozen(self) -> Models:
+        """Modules used but not trained."""
+        models: Models = {"vae": self.vae}
+        if not self.config.train_text_encoder:
+            models["text_encoder"] = self.text_encoder
+        return models
+
+    @property
+    def tokenizers(self) -> tuple[CLIPTokenizer, ...]:
+        return (self.tokenizer,)
+
+    def draw(self, rng: jax.Array, batch_size: int) -> Batch:
+        """Every random number one optimizer step needs, per sample, drawn for the whole global batch.
+
+        Drawing before the batch is split into micro-batches makes accumulation equal to a larger batch, and
+        with partitionable threefry the numbers do not depend on the mesh.
+        """
+        cfg = self.config
+        keys = jax.random.split(rng, 5)
+        shape = (batch_size, *self.latent_shape)
+        noise = jax.random.normal(keys[0], shape)
+        if cfg.noise_offset:
+            noise = diffusion.offset_noise(keys[1], noise, cfg.noise_offset)
+        noise_in = diffusion.perturb_noise(keys[2], noise, cfg.input_perturbation) if cfg.input_perturbation else noise
+        timesteps = diffusion.sample_timesteps(
+            keys[3], batch_size, self.schedule.num_train_timesteps, self.timestep_weights
+        )
+        return {
+            "noise": noise,
+            "noise_in": noise_in,
+            "timesteps": timesteps,
+            "latent_eps": jax.random.normal(keys[4], shape),
+        }
+
+    def latents(self, vae: AutoencoderKL, batch: Batch, latent_eps: jax.Array) -> jax.Array:
+        """Scaled latents drawn from the posterior (cached, or encoded now by the frozen VAE)."""
+        if "latent_mean" in batch:
+            mean, logvar = batch["latent_mean"], batch["latent_logvar"]
+        else:
+            dist = vae.encode(batch["pixel_values"].astype(self.vae_dtype)).latent_dist
+            mean, logvar = dist.mean, dist.logvar
+        mean, std = mean.astype(jnp.float32), jnp.exp(0.5 * logvar.astype(jnp.float32))
+        return jax.lax.stop_gradient((mean + std * latent_eps) * vae.config.scaling_factor)
+
+    def loss(self, models: Models, batch: Batch, randoms: Batch) -> jax.Array:
+        """Mean (Min-SNR weighted) denoising loss of one micro-batch."""
+        cfg = self.config
+        latents = self.latents(models["vae"], batch, randoms["latent_eps"])
+        text_states = models["text_encoder"](batch["input_ids"]).last_hidden_state
+        t = randoms["timesteps"]
+        noisy = diffusion.add_noise(self.schedule, latents, randoms["noise_in"], t)
+        target = diffusion.training_target(self.schedule, latents, randoms["noise"], t)
+        prediction = models["unet"](noisy, t, text_states).sample
+        per_sample = diffusion.per_sample_loss(prediction, target, cfg.loss_type, cfg.huber_c)
+        if cfg.snr_gamma is not None:
+            snr = diffusion.compute_snr(self.schedule, t)
+            per_sample = per_sample * diffusion.min_snr_loss_weights(snr, cfg.snr_gamma, self.schedule.prediction_type)
+        return jnp.mean(per_sample)
+
+    def encode_prompts(self, text_encoder: CLIPTextModel, prompts: list[str]) -> jax.Array:
+        ids = self.tokenizer(
+            prompts, padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True
+        ).input_ids
+        return text_encoder(jnp.asarray(np.asarray(ids, np.int32))).last_hidden_state
+
+    def sample(self, models: Models, prompts: list[str], rng: jax.Array) -> jax.Array:
+        """Images (len(prompts), H, W, 3) in [0, 1] from DDIM with classifier-free guidance."""
+        cfg = self.config
+        cond = self.encode_prompts(models["text_encoder"], prompts)
+        uncond = self.encode_prompts(models["text_encoder"], [""] * len(prompts))
+        states = jnp.concatenate([uncond, cond])
+        unet = models["unet"]
+
+        def model_fn(x: jax.Array, t: jax.Array) -> jax.Array:
+            return unet(x, t, states).sample.astype(jnp.float32)
+
+        guided = diffusion.classifier_free_guidance(model_fn, cfg.validation_guidance_scale)
+        noise = jax.random.normal(rng, (len(prompts), *self.latent_shape))
+        latents = diffusion.ddim_sample(self.schedule, guided, noise, cfg.validation_num_inference_steps)
+        vae = models["vae"]
+        images = vae.decode((latents / vae.config.scaling_factor).astype(self.vae_dtype)).sample
+        return jnp.clip(jnp.transpose(images.astype(jnp.float32), (0, 2, 3, 1)) / 2 + 0.5, 0.0, 1.0)

@@ -1,0 +1,364 @@
+"""The one training loop: mesh, input, models, sharded state, compiled step, checkpoints, validation, export.
+
+Reads top to bottom like the run it drives. Everything task-specific (which models, the loss, the sampler)
+comes from the task plug-in; the train step is a pure function of (state, frozen, batch), compiled once.
+"""
+
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from jaxdiff import cli, optim, parallel
+from jaxdiff.checkpoint import Checkpointer, PreemptionGuard, resolve_resume
+from jaxdiff.config import TrainConfig
+from jaxdiff.data import LoaderSpec, SourceSpec, TransformSpec, make_train_iterator
+from jaxdiff.export import check_hub_access, export_pipeline, push_to_hub
+from jaxdiff.metrics import MetricsLogger, ProgressBar, save_config, save_validation_images
+from jaxdiff.tasks.text_to_image import TextToImage
+
+log = logging.getLogger("jaxdiff")
+
+TASKS = {"text_to_image": TextToImage}
+EMA_DEFAULT_DECAY = 0.9999
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training stopped on a NaN/inf loss; the last good checkpoint is kept."""
+
+
+def _split(models: dict[str, nnx.Module]) -> tuple[dict, dict, dict]:
+    """(graphdefs, params, other state) per module name."""
+    graphdefs, params, rest = {}, {}, {}
+    for name, module in models.items():
+        graphdefs[name], params[name], rest[name] = nnx.split(module, nnx.Param, ...)
+    return graphdefs, params, rest
+
+
+def check_output_dir(config: TrainConfig) -> None:
+    """Never clobber a previous run: a non-empty output_dir needs resuming or --overwrite_output_dir."""
+    out = Path(config.output_dir)
+    if out.exists() and not out.is_dir():
+        raise cli.ConfigError(f"--output_dir={config.output_dir!r} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not (config.resume_from_checkpoint or config.overwrite_output_dir):
+        raise cli.ConfigError(
+            f"--output_dir={config.output_dir!r} is not empty; pass --resume_from_checkpoint latest to continue "
+            "that run, --overwrite_output_dir to write into it anyway, or choose another folder"
+        )
+
+
+class Trainer:
+    """Builds everything a run needs from the config; `train()` runs it."""
+
+    def __init__(self, config: TrainConfig) -> None:
+        self.config = config
+        parallel.maybe_initialize_distributed()
+        check_output_dir(config)
+        check_hub_access(config.push_to_hub, config.hub_model_id)
+        self.out = Path(config.output_dir)
+
+        # Mesh and batch.
+        self.mesh = parallel.make_mesh(config.mesh)
+        self.batch_size = parallel.global_batch_size(config.train_batch_size, config.global_batch_size, self.mesh)
+        self.accum = config.gradient_accumulation_steps
+
+        # Task: models, loss, sampler.
+        self.task = TASKS[config.task](config)
+        self.trainable_defs, params, self.trainable_rest = _split(self.task.trainable)
+        self.frozen_defs, frozen_params, self.frozen_rest = _split(self.task.frozen)
+
+        # Input: each optimizer step consumes `accum` micro-batches, delivered as one batch.
+        self.data = make_train_iterator(
+            SourceSpec(
+                dataset_name=config.dataset_name,
+                dataset_config_name=config.dataset_config_name,
+                cache_dir=config.cache_dir,
+                train_data_dir=config.train_data_dir,
+                train_shards_path_or_url=config.train_shards_path_or_url,
+                tfds_data_dir=config.tfds_data_dir,
+                image_column=config.image_column,
+                caption_column=config.caption_column,
+                max_train_samples=config.max_train_samples,
+            ),
+            TransformSpec(
+                resolution=config.resolution,
+                center_crop=config.center_crop,
+                random_flip=config.random_flip,
+                image_interpolation_mode=config.image_interpolation_mode,
+                proportion_empty_prompts=config.proportion_empty_prompts,
+            ),
+            LoaderSpec(
+                global_batch_size=self.batch_size * self.accum,
+                seed=config.seed,
+                dataloader_num_workers=config.dataloader_num_workers,
+            ),
+            self.task.tokenizers,
+        )
+        self.max_steps = self._max_train_steps()
+
+        # Optimizer and schedule.
+        lr = optim.scaled_learning_rate(
+            config.learning_rate,
+            scale_lr=config.scale_lr,
+            train_batch_size=self.batch_size // self.mesh.size,
+            gradient_accumulation_steps=self.accum,
+            num_devices=self.mesh.size,
+        )
+        self.schedule = optim.lr_schedule(
+            config.lr_scheduler,
+            learning_rate=lr,
+            warmup_steps=config.lr_warmup_steps,
+            total_steps=self.max_steps,
+            num_cycles=config.lr_num_cycles,
+            power=config.lr_power,
+        )
+        self.tx = optim.make_optimizer(
+            learning_rate_schedule=self.schedule,
+            adam_beta1=config.adam_beta1,
+            adam_beta2=config.adam_beta2,
+            adam_weight_decay=config.adam_weight_decay,
+            adam_epsilon=config.adam_epsilon,
+            max_grad_norm=config.max_grad_norm,
+        )
+
+        # Sharded state: parameters, optimizer state and EMA over the fsdp axis; the step and RNG replicated.
+        self.param_shardings = parallel.state_shardings(params, self.mesh)
+        self.frozen_shardings = parallel.state_shardings(frozen_params, self.mesh)
+        self.frozen = jax.device_put(frozen_params, self.frozen_shardings)
+        replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+        state = {
+            "params": jax.device_put(params, self.param_shardings),
+            "step": jax.device_put(jnp.zeros((), jnp.int32), replicated),
+            "rng": jax.device_put(jax.random.PRNGKey(config.seed), replicated),
+        }
+        state["opt_state"] = jax.jit(self.tx.init, out_shardings=self._opt_shardings(state["params"]))(state["params"])
+        if config.use_ema:
+            state["ema_params"] = jax.tree.map(jnp.copy, state["params"])
+        self.state_shardings = jax.tree.map(lambda x: x.sharding, state)
+        self.state = state
+        self.batch_sharding = parallel.batch_sharding(self.mesh)
+        self._step_fn = jax.jit(
+            self._train_step,
+            in_shardings=(self.state_shardings, self.frozen_shardings, self.batch_sharding),
+            out_shardings=(self.state_shardings, None),
+            donate_argnums=(0,),
+        )
+
+    def _opt_shardings(self, params: Any) -> Any:
+        """Optimizer state shards like the parameters it mirrors; scalars (counts) replicate."""
+        abstract = jax.eval_shape(self.tx.init, params)
+        replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+        by_shape = {}
+        for leaf, sharding in zip(jax.tree.leaves(params), jax.tree.leaves(self.param_shardings), strict=True):
+            by_shape.setdefault(leaf.shape, sharding)
+        return jax.tree.map(lambda x: by_shape.get(x.shape, replicated) if x.ndim else replicated, abstract)
+
+    def _max_train_steps(self) -> int:
+        if self.config.max_train_steps:
+            return self.config.max_train_steps
+        per_epoch = self.data.samples_per_epoch
+        if per_epoch is None:
+            raise cli.ConfigError(
+                "--max_train_steps is needed with a streamed source (--train_shards_path_or_url): "
+                "its epoch length is unknown"
+            )
+        return self.config.num_train_epochs * math.ceil(per_epoch / (self.batch_size * self.accum))
+
+    # ---- the compiled step -------------------------------------------------------------------------------
+
+    def _models(self, params: dict, frozen: dict) -> dict[str, nnx.Module]:
+        models = {n: nnx.merge(self.trainable_defs[n], params[n], self.trainable_rest[n]) for n in params}
+        models.update({n: nnx.merge(self.frozen_defs[n], frozen[n], self.frozen_rest[n]) for n in frozen})
+        return models
+
+    def _train_step(self, state: dict, frozen: dict, batch: dict) -> tuple[dict, dict]:
+        cfg = self.config
+        step = state["step"]
+        randoms = self.task.draw(jax.random.fold_in(state["rng"], step), self.batch_size * self.accum)
+
+        def loss_and_grad(params: dict, micro: tuple[dict, dict]) -> tuple[jax.Array, dict]:
+            micro_batch, micro_randoms = micro
+            return jax.value_and_grad(lambda p: self.task.loss(self._models(p, frozen), micro_batch, micro_randoms))(
+                params
+            )
+
+        micro = optim.split_micro_batches((batch, randoms), self.accum)
+        loss, grads = optim.accumulate_gradients(loss_and_grad, state["params"], micro)
+        updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
+        new = dict(state, params=optax.apply_updates(state["params"], updates), opt_state=opt_state, step=step + 1)
+        if cfg.use_ema:
+            decay = optim.ema_decay(
+                step + 1,
+                max_decay=cfg.ema_decay or EMA_DEFAULT_DECAY,
+                use_warmup=cfg.ema_use_warmup,
+                inv_gamma=cfg.ema_inv_gamma,
+                power=cfg.ema_power,
+            )
+            new["ema_params"] = optim.ema_update(state["ema_params"], new["params"], decay)
+        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "lr": self.schedule(step)}
+        return new, metrics
+
+    def _global_batch(self, host_batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        return {
+            k: jax.make_array_from_process_local_data(self.batch_sharding, np.asarray(v))
+            for k, v in host_batch.items()
+        }
+
+    # ---- validation and export ---------------------------------------------------------------------------
+
+    def _params_for_eval(self) -> dict:
+        use_ema = self.config.use_ema and self.config.export_ema
+        return self.state["ema_params"] if use_ema else self.state["params"]
+
+    def validate(self, step: int, metrics_logger: MetricsLogger) -> None:
+        """Sample every validation prompt with the current (EMA) weights; save PNG grids and log them."""
+        cfg = self.config
+        prompts = cfg.validation_prompts or []
+        if not prompts:
+            return
+        if not hasattr(self, "_sample_fn"):
+            self._sample_fn = jax.jit(
+                lambda params, frozen, rng, batch_prompts: self.task.sample(
+                    self._models(params, frozen), batch_prompts, rng
+                ),
+                static_argnums=(3,),
+            )
+        rng = jax.random.fold_in(jax.random.PRNGKey(cfg.seed), 2**31 - 1)
+        grids = []
+        for i, prompt in enumerate(prompts):
+            images = self._sample_fn(
+                self._params_for_eval(), self.frozen, jax.random.fold_in(rng, i), (prompt,) * cfg.num_validation_images
+            )
+            grids.append(np.asarray(images))
+        paths = save_validation_images(self.out, step, list(prompts), grids)
+        for path, grid in zip(paths, grids, strict=True):
+            metrics_logger.log_images(f"validation/{path.stem}", (grid * 255).round().astype(np.uint8), step)
+
+    def export(self) -> None:
+        """The final diffusers pipeline at output_dir: trained components written, the rest copied through."""
+        params = self._params_for_eval()
+        components = {}
+        for name, module in self.task.trainable.items():
+            nnx.update(module, jax.device_get(params[name]))
+            components[name] = module
+        export_pipeline(
+            self.out, base_model=self.task.model_path, components=components, dtype=self.config.export_dtype
+        )
+        if self.config.push_to_hub:
+            push_to_hub(
+                self.out,
+                self.config.hub_model_id,
+                token=self.config.hub_token,
+                ignore=("checkpoints", self.config.logging_dir),
+            )
+
+    # ---- the loop ----------------------------------------------------------------------------------------
+
+    def _should_validate(self, step: int, epoch_ended: bool) -> bool:
+        cfg = self.config
+        if cfg.validation_steps:
+            return step % cfg.validation_steps == 0
+        if cfg.validation_epochs and epoch_ended:
+            return self.data.epoch % cfg.validation_epochs == 0
+        return False
+
+    def train(self) -> None:
+        """Run to max_train_steps (or until preempted), checkpointing, logging and validating on the way."""
+        cfg = self.config
+        self.out.mkdir(parents=True, exist_ok=True)
+        save_config(self.out, cli.to_yaml(cfg))
+        checkpointer = Checkpointer(
+            self.out / "checkpoints",
+            save_interval_steps=cfg.checkpointing_steps,
+            max_to_keep=cfg.checkpoints_total_limit,
+        )
+        start = 0
+        resume = resolve_resume(cfg.resume_from_checkpoint, self.out / "checkpoints")
+        if resume is None:
+            log.info("starting from the pretrained weights (no checkpoint to resume from)")
+        else:
+            path, start = resume
+            abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), self.state)
+            self.state, data_state = checkpointer.restore(start, abstract, directory=path.parent)
+            self.data.set_state(data_state)
+            log.info("resumed from step %d", start)
+        with (
+            MetricsLogger(
+                self.out,
+                report_to=cfg.report_to,
+                logging_dir=cfg.logging_dir,
+                project=cfg.tracker_project_name,
+                config=cfg.model_dump(mode="json"),
+                resume_step=start,
+            ) as metrics_logger,
+            PreemptionGuard() as preemption,
+            ProgressBar(total=self.max_steps, initial=start) as progress,
+        ):
+            step_fn = None
+            pending: list[tuple[int, dict]] = []
+            tick = time.perf_counter()
+            step = start
+            while step < self.max_steps:
+                epoch = self.data.epoch
+                batch = self._global_batch(next(self.data))
+                if step_fn is None:
+                    step_fn = self._compile(batch)
+                self.state, metrics = step_fn(self.state, self.frozen, batch)
+                step += 1
+                pending.append((step, metrics))
+                # Metrics are checked for a non-finite loss before any checkpoint that would contain it.
+                if step % cfg.logging_steps == 0 or step % cfg.checkpointing_steps == 0 or step == self.max_steps:
+                    tick = self._flush_metrics(pending, tick, metrics_logger, progress)
+                    pending = []
+                checkpointer.save(step, self.state, self.data.get_state())
+                if self._should_validate(step, self.data.epoch != epoch):
+                    self.validate(step, metrics_logger)
+                if preemption.should_stop(step):
+                    self._flush_metrics(pending, tick, metrics_logger, progress) if pending else None
+                    checkpointer.save(step, self.state, self.data.get_state(), force=True)
+                    checkpointer.wait_until_finished()
+                    log.warning("SIGTERM received: checkpoint saved at step %d, exiting", step)
+                    return
+            checkpointer.save(step, self.state, self.data.get_state(), force=True)
+            checkpointer.wait_until_finished()
+        checkpointer.close()
+        self.data.close()
+        self.export()
+
+    def _compile(self, batch: dict[str, jax.Array]) -> Any:
+        """Compile the step ahead of time, once, and log what XLA says it needs."""
+        compiled = self._step_fn.lower(self.state, self.frozen, batch).compile()
+        log.info("compiled train step; memory analysis: %s", compiled.memory_analysis())
+        return compiled
+
+    def _flush_metrics(
+        self, pending: list[tuple[int, dict]], tick: float, logger: MetricsLogger, progress: ProgressBar
+    ) -> float:
+        """Fetch the metrics of the steps since the last log (one device sync) and write them."""
+        fetched = jax.device_get([m for _, m in pending])
+        now = time.perf_counter()
+        step_time = (now - tick) / len(pending)
+        samples_per_s = self.batch_size * self.accum / step_time
+        skipped = {f"skipped_{k}": v for k, v in self.data.skipped.items()}
+        for (step, _), values in zip(pending, fetched, strict=True):
+            row = {k: float(v) for k, v in values.items()}
+            if not math.isfinite(row["loss"]):
+                raise NonFiniteLossError(
+                    f"loss is {row['loss']} at step {step}; training stopped, the last good checkpoint in "
+                    f"{self.out / 'checkpoints'} is kept"
+                )
+            logger.log({**row, "step_time_s": step_time, "samples_per_s": samples_per_s, **skipped}, step)
+        progress.update(len(pending), loss=row["loss"], lr=row["lr"], samples_per_s=samples_per_s)
+        return now
+
+
+def train(config: TrainConfig) -> None:
+    """Entry point for the JAX backend."""
+    Trainer(config).train()

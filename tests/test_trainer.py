@@ -1,0 +1,107 @@
+"""The JAX trainer end to end on tiny local pipelines and data, on 8 simulated devices."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from jaxdiff import parallel
+from jaxdiff.train import main
+
+BASE = [
+    "--resolution", "32",
+    "--center_crop",
+    "--train_batch_size", "1",
+    "--learning_rate", "1e-3",
+    "--lr_warmup_steps", "0",
+    "--seed", "0",
+    "--report_to", "none",
+    "--logging_steps", "1",
+]  # fmt: skip
+
+
+def train(tmp_path, name, model, data, *flags):
+    out = tmp_path / name
+    argv = [*BASE, "--pretrained_model_name_or_path", str(model), "--train_data_dir", str(data)]
+    try:
+        main([*argv, "--output_dir", str(out), *flags])
+    except SystemExit as exc:
+        raise AssertionError(f"training exited with {exc.code}") from None
+    return out
+
+
+def metrics(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def unet_weights(out):
+    return load_file(out / "unet" / "diffusion_pytorch_model.safetensors")
+
+
+def test_end_to_end_export_loads_in_diffusers(tmp_path, tiny_sd_path, shapes_dataset):
+    out = train(
+        tmp_path, "run", tiny_sd_path, shapes_dataset,
+        "--max_train_steps", "4", "--use_ema", "--snr_gamma", "5.0", "--gradient_accumulation_steps", "2",
+        "--checkpointing_steps", "2", "--checkpoints_total_limit", "1",
+        "--validation_prompts", "a red circle", "--validation_steps", "2", "--num_validation_images", "2",
+        "--validation_num_inference_steps", "2", "--random_flip",
+    )  # fmt: skip
+    rows = metrics(out)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert {"step", "loss", "lr", "grad_norm", "step_time_s", "samples_per_s"} <= set(rows[0])
+    assert all(np.isfinite(r["loss"]) for r in rows)
+    assert (out / "config.yaml").is_file()
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["4"]
+    assert len(list((out / "samples").glob("*.png"))) == 2  # steps 2 and 4, one prompt
+
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(out, safety_checker=None)
+    image = pipe("a red circle", num_inference_steps=2, output_type="np").images[0]
+    assert image.shape == (32, 32, 3) and np.isfinite(image).all()
+    trained, base = unet_weights(out), unet_weights(tiny_sd_path)
+    assert any(not np.array_equal(trained[k], base[k]) for k in base)
+
+
+def test_resume_is_exact(tmp_path, tiny_sd_path, shapes_dataset):
+    flags = ("--use_ema", "--checkpointing_steps", "2")
+    straight = train(tmp_path, "straight", tiny_sd_path, shapes_dataset, "--max_train_steps", "4", *flags)
+    first = train(tmp_path, "resumed", tiny_sd_path, shapes_dataset, "--max_train_steps", "2", *flags)
+    resumed = train(
+        tmp_path, "resumed", tiny_sd_path, shapes_dataset, "--max_train_steps", "4",
+        "--resume_from_checkpoint", "latest", *flags,
+    )  # fmt: skip
+    assert first == resumed
+    assert [r["loss"] for r in metrics(resumed)] == [r["loss"] for r in metrics(straight)]
+    a, b = unet_weights(straight), unet_weights(resumed)
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_meshes_agree(tmp_path, tiny_sd_path, shapes_dataset, monkeypatch):
+    results = {}
+    for mesh in ("8x1", "2x4", "1x8"):
+        out = train(tmp_path, mesh, tiny_sd_path, shapes_dataset, "--max_train_steps", "2", "--mesh", mesh)
+        results[mesh] = (metrics(out), unet_weights(out))
+    # One device, the same global batch of 8.
+    make_mesh = parallel.make_mesh
+    monkeypatch.setattr(parallel, "make_mesh", lambda spec, devices=None: make_mesh("1x1", jax.devices()[:1]))
+    out = train(tmp_path, "single", tiny_sd_path, shapes_dataset, "--max_train_steps", "2", "--global_batch_size", "8")
+    reference_rows, reference = metrics(out), unet_weights(out)
+    for mesh, (rows, weights) in results.items():
+        np.testing.assert_allclose([r["loss"] for r in rows], [r["loss"] for r in reference_rows], rtol=1e-5)
+        for k in reference:
+            np.testing.assert_allclose(weights[k], reference[k], atol=1e-5, err_msg=f"{mesh} {k}")
+
+
+def test_output_dir_is_not_clobbered(tmp_path, tiny_sd_path, shapes_dataset, capsys):
+    out = tmp_path / "taken"
+    out.mkdir()
+    (out / "precious.txt").write_text("keep me")
+    argv = [*BASE, "--pretrained_model_name_or_path", str(tiny_sd_path), "--train_data_dir", str(shapes_dataset)]
+    with pytest.raises(SystemExit) as exc:
+        main([*argv, "--output_dir", str(out), "--max_train_steps", "1"])
+    assert exc.value.code == 2
+    assert "is not empty" in capsys.readouterr().err
+    assert (out / "precious.txt").read_text() == "keep me"
