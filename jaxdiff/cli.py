@@ -203,7 +203,9 @@ def resolve(config: TrainConfig) -> TrainConfig:
     for name in ("pretrained_model_name_or_path", "pretrained_teacher_model", "pretrained_vae_model_name_or_path"):
         _check_path(config, name, hub_ok=True)
     _check_path(config, "model_config_name_or_path", hub_ok=True)
-    _check_path(config, "dataset_name", hub_ok=not (config.dataset_name or "").startswith("tfds:"))
+    if not (config.dataset_name or "").startswith("tfds:"):  # TFDS names resolve under --tfds_data_dir
+        _check_path(config, "dataset_name", hub_ok=True)
+    _check_path(config, "tfds_data_dir", hub_ok=False)
     _check_path(config, "train_data_dir", hub_ok=False)
     if config.task is None:
         config = config.model_copy(update={"task": infer_task(config)})

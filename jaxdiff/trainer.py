@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxdiff import cli, optim, parallel
 from jaxdiff.checkpoint import Checkpointer, PreemptionGuard, resolve_resume
@@ -40,6 +41,68 @@ def _split(models: dict[str, nnx.Module]) -> tuple[dict, dict, dict]:
     for name, module in models.items():
         graphdefs[name], params[name], rest[name] = nnx.split(module, nnx.Param, ...)
     return graphdefs, params, rest
+
+
+def make_optimizer(
+    config: TrainConfig, *, total_steps: int, per_device_batch: int, num_devices: int
+) -> tuple[optax.Schedule, optax.GradientTransformation]:
+    """The learning-rate schedule (diffusers' curves) and AdamW with clipping, from the config."""
+    lr = optim.scaled_learning_rate(
+        config.learning_rate,
+        scale_lr=config.scale_lr,
+        train_batch_size=per_device_batch,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        num_devices=num_devices,
+    )
+    schedule = optim.lr_schedule(
+        config.lr_scheduler,
+        learning_rate=lr,
+        warmup_steps=config.lr_warmup_steps,
+        total_steps=total_steps,
+        num_cycles=config.lr_num_cycles,
+        power=config.lr_power,
+    )
+    tx = optim.make_optimizer(
+        learning_rate_schedule=schedule,
+        adam_beta1=config.adam_beta1,
+        adam_beta2=config.adam_beta2,
+        adam_weight_decay=config.adam_weight_decay,
+        adam_epsilon=config.adam_epsilon,
+        max_grad_norm=config.max_grad_norm,
+    )
+    return schedule, tx
+
+
+def init_train_state(params: Any, tx: optax.GradientTransformation, *, seed: int, use_ema: bool) -> dict:
+    """The train state: parameters, optimizer state, optional EMA copy, step and base RNG key."""
+    state = {
+        "params": params,
+        "opt_state": tx.init(params),
+        "step": jnp.zeros((), jnp.int32),
+        "rng": jax.random.PRNGKey(seed),
+    }
+    if use_ema:
+        state["ema_params"] = jax.tree.map(jnp.copy, params)
+    return state
+
+
+def train_state_shardings(tx: optax.GradientTransformation, params: Any, mesh: Mesh, *, use_ema: bool) -> dict:
+    """Shardings of the train state: parameters by their logical axes, optimizer moments and EMA like the
+    parameters they mirror, everything else replicated."""
+    param_shardings = parallel.state_shardings(params, mesh)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    abstract_opt = jax.eval_shape(tx.init, params)
+    shardings = {
+        "params": param_shardings,
+        "opt_state": optax.tree_utils.tree_map_params(
+            tx, lambda _, sharding: sharding, abstract_opt, param_shardings, transform_non_params=lambda _: replicated
+        ),
+        "step": replicated,
+        "rng": replicated,
+    }
+    if use_ema:
+        shardings["ema_params"] = param_shardings
+    return shardings
 
 
 def check_output_dir(config: TrainConfig) -> None:
@@ -104,45 +167,22 @@ class Trainer:
         self.max_steps = self._max_train_steps()
 
         # Optimizer and schedule.
-        lr = optim.scaled_learning_rate(
-            config.learning_rate,
-            scale_lr=config.scale_lr,
-            train_batch_size=self.batch_size // self.mesh.size,
-            gradient_accumulation_steps=self.accum,
-            num_devices=self.mesh.size,
-        )
-        self.schedule = optim.lr_schedule(
-            config.lr_scheduler,
-            learning_rate=lr,
-            warmup_steps=config.lr_warmup_steps,
+        self.schedule, self.tx = make_optimizer(
+            config,
             total_steps=self.max_steps,
-            num_cycles=config.lr_num_cycles,
-            power=config.lr_power,
-        )
-        self.tx = optim.make_optimizer(
-            learning_rate_schedule=self.schedule,
-            adam_beta1=config.adam_beta1,
-            adam_beta2=config.adam_beta2,
-            adam_weight_decay=config.adam_weight_decay,
-            adam_epsilon=config.adam_epsilon,
-            max_grad_norm=config.max_grad_norm,
+            per_device_batch=self.batch_size // self.mesh.size,
+            num_devices=self.mesh.size,
         )
 
         # Sharded state: parameters, optimizer state and EMA over the fsdp axis; the step and RNG replicated.
-        self.param_shardings = parallel.state_shardings(params, self.mesh)
         self.frozen_shardings = parallel.state_shardings(frozen_params, self.mesh)
         self.frozen = jax.device_put(frozen_params, self.frozen_shardings)
-        replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
-        state = {
-            "params": jax.device_put(params, self.param_shardings),
-            "step": jax.device_put(jnp.zeros((), jnp.int32), replicated),
-            "rng": jax.device_put(jax.random.PRNGKey(config.seed), replicated),
-        }
-        state["opt_state"] = jax.jit(self.tx.init, out_shardings=self._opt_shardings(state["params"]))(state["params"])
-        if config.use_ema:
-            state["ema_params"] = jax.tree.map(jnp.copy, state["params"])
-        self.state_shardings = jax.tree.map(lambda x: x.sharding, state)
-        self.state = state
+        self.state_shardings = train_state_shardings(self.tx, params, self.mesh, use_ema=config.use_ema)
+        self.state = jax.jit(
+            lambda p: init_train_state(p, self.tx, seed=config.seed, use_ema=config.use_ema),
+            out_shardings=self.state_shardings,
+            donate_argnums=0,
+        )(jax.device_put(params, self.state_shardings["params"]))
         self.batch_sharding = parallel.batch_sharding(self.mesh)
         self._step_fn = jax.jit(
             self._train_step,
@@ -150,15 +190,6 @@ class Trainer:
             out_shardings=(self.state_shardings, None),
             donate_argnums=(0,),
         )
-
-    def _opt_shardings(self, params: Any) -> Any:
-        """Optimizer state shards like the parameters it mirrors; scalars (counts) replicate."""
-        abstract = jax.eval_shape(self.tx.init, params)
-        replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
-        by_shape = {}
-        for leaf, sharding in zip(jax.tree.leaves(params), jax.tree.leaves(self.param_shardings), strict=True):
-            by_shape.setdefault(leaf.shape, sharding)
-        return jax.tree.map(lambda x: by_shape.get(x.shape, replicated) if x.ndim else replicated, abstract)
 
     def _max_train_steps(self) -> int:
         if self.config.max_train_steps:
@@ -205,7 +236,7 @@ class Trainer:
         metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "lr": self.schedule(step)}
         return new, metrics
 
-    def _global_batch(self, host_batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+    def global_batch(self, host_batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
         return {
             k: jax.make_array_from_process_local_data(self.batch_sharding, np.asarray(v))
             for k, v in host_batch.items()
@@ -243,14 +274,7 @@ class Trainer:
 
     def export(self) -> None:
         """The final diffusers pipeline at output_dir: trained components written, the rest copied through."""
-        params = self._params_for_eval()
-        components = {}
-        for name, module in self.task.trainable.items():
-            nnx.update(module, jax.device_get(params[name]))
-            components[name] = module
-        export_pipeline(
-            self.out, base_model=self.task.model_path, components=components, dtype=self.config.export_dtype
-        )
+        export_trained(self.task, self._params_for_eval(), self.out, self.config.export_dtype)
         if self.config.push_to_hub:
             push_to_hub(
                 self.out,
@@ -307,9 +331,9 @@ class Trainer:
             step = start
             while step < self.max_steps:
                 epoch = self.data.epoch
-                batch = self._global_batch(next(self.data))
+                batch = self.global_batch(next(self.data))
                 if step_fn is None:
-                    step_fn = self._compile(batch)
+                    step_fn = self.compile_step(batch)
                 self.state, metrics = step_fn(self.state, self.frozen, batch)
                 step += 1
                 pending.append((step, metrics))
@@ -332,7 +356,7 @@ class Trainer:
         self.data.close()
         self.export()
 
-    def _compile(self, batch: dict[str, jax.Array]) -> Any:
+    def compile_step(self, batch: dict[str, jax.Array]) -> Any:
         """Compile the step ahead of time, once, and log what XLA says it needs."""
         compiled = self._step_fn.lower(self.state, self.frozen, batch).compile()
         log.info("compiled train step; memory analysis: %s", compiled.memory_analysis())
@@ -357,6 +381,29 @@ class Trainer:
             logger.log({**row, "step_time_s": step_time, "samples_per_s": samples_per_s, **skipped}, step)
         progress.update(len(pending), loss=row["loss"], lr=row["lr"], samples_per_s=samples_per_s)
         return now
+
+
+def export_trained(task: Any, params: dict, output_dir: Path, dtype: str) -> None:
+    """Write the task's trained modules, holding ``params``, as a diffusers pipeline at ``output_dir``."""
+    components = {}
+    for name, module in task.trainable.items():
+        nnx.update(module, jax.device_get(params[name]))
+        components[name] = module
+    export_pipeline(output_dir, base_model=task.model_path, components=components, dtype=dtype)
+
+
+def restore_for_export(config: TrainConfig, checkpoint: Path) -> tuple[Any, dict]:
+    """The task (pretrained models loaded) and the train state saved in ``checkpoint`` (a step folder)."""
+    task = TASKS[config.task](config)
+    _, params, _ = _split(task.trainable)
+    mesh = parallel.make_mesh(None)
+    _, tx = make_optimizer(config, total_steps=1, per_device_batch=1, num_devices=1)  # the state's structure
+    shardings = train_state_shardings(tx, params, mesh, use_ema=config.use_ema)
+    abstract = jax.eval_shape(lambda p: init_train_state(p, tx, seed=0, use_ema=config.use_ema), params)
+    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings)
+    with Checkpointer(checkpoint.parent, save_interval_steps=1) as checkpointer:
+        state, _ = checkpointer.restore(int(checkpoint.name), abstract, directory=checkpoint.parent)
+    return task, state
 
 
 def train(config: TrainConfig) -> None:

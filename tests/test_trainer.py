@@ -23,8 +23,10 @@ BASE = [
 
 
 def train(tmp_path, name, model, data, *flags):
+    """Run the CLI; `data` is an image folder or a list of data flags."""
     out = tmp_path / name
-    argv = [*BASE, "--pretrained_model_name_or_path", str(model), "--train_data_dir", str(data)]
+    data_flags = data if isinstance(data, list) else ["--train_data_dir", str(data)]
+    argv = [*BASE, "--pretrained_model_name_or_path", str(model), *data_flags]
     try:
         main([*argv, "--output_dir", str(out), *flags])
     except SystemExit as exc:
@@ -80,14 +82,18 @@ def test_resume_is_exact(tmp_path, tiny_sd_path, shapes_dataset):
 
 
 def test_meshes_agree(tmp_path, tiny_sd_path, shapes_dataset, monkeypatch):
+    # Adam's first steps move every weight by about +-lr whatever the gradient's size, so a weight whose gradient
+    # is ~0 could flip on reduction-order noise; a large epsilon makes the update proportional to the gradient,
+    # so weights differ by float32 reduction noise only.
+    flags = ("--max_train_steps", "2", "--adam_epsilon", "1e-3")
     results = {}
     for mesh in ("8x1", "2x4", "1x8"):
-        out = train(tmp_path, mesh, tiny_sd_path, shapes_dataset, "--max_train_steps", "2", "--mesh", mesh)
+        out = train(tmp_path, mesh, tiny_sd_path, shapes_dataset, *flags, "--mesh", mesh)
         results[mesh] = (metrics(out), unet_weights(out))
     # One device, the same global batch of 8.
     make_mesh = parallel.make_mesh
     monkeypatch.setattr(parallel, "make_mesh", lambda spec, devices=None: make_mesh("1x1", jax.devices()[:1]))
-    out = train(tmp_path, "single", tiny_sd_path, shapes_dataset, "--max_train_steps", "2", "--global_batch_size", "8")
+    out = train(tmp_path, "single", tiny_sd_path, shapes_dataset, *flags, "--global_batch_size", "8")
     reference_rows, reference = metrics(out), unet_weights(out)
     for mesh, (rows, weights) in results.items():
         np.testing.assert_allclose([r["loss"] for r in rows], [r["loss"] for r in reference_rows], rtol=1e-5)
@@ -105,3 +111,61 @@ def test_output_dir_is_not_clobbered(tmp_path, tiny_sd_path, shapes_dataset, cap
     assert exc.value.code == 2
     assert "is not empty" in capsys.readouterr().err
     assert (out / "precious.txt").read_text() == "keep me"
+
+
+@pytest.mark.parametrize("source", ["csv", "hf_dataset", "tfds", "webdataset", "corrupt"])
+def test_each_data_source_trains(source, request, tmp_path, tiny_sd_path):
+    fixture = {
+        "csv": "imagefolder_csv",
+        "hf_dataset": "hf_dataset_dir",
+        "tfds": "tfds_data_dir",
+        "webdataset": "webdataset_shards",
+        "corrupt": "corrupt_imagefolder",
+    }[source]
+    value = request.getfixturevalue(fixture)
+    data = {
+        "csv": lambda: ["--train_data_dir", str(value)],
+        "hf_dataset": lambda: [
+            "--dataset_name",
+            str(value),
+            "--image_column",
+            "picture",
+            "--caption_column",
+            "description",
+        ],
+        "tfds": lambda: ["--dataset_name", "tfds:tiny_shapes", "--tfds_data_dir", str(value)],
+        "webdataset": lambda: ["--train_shards_path_or_url", value],
+        "corrupt": lambda: ["--train_data_dir", str(value[0])],
+    }[source]()
+    out = train(tmp_path, source, tiny_sd_path, data, "--max_train_steps", "2", "--checkpointing_steps", "2")
+    rows = metrics(out)
+    assert [r["step"] for r in rows] == [1, 2] and all(np.isfinite(r["loss"]) for r in rows)
+    assert (out / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    if source == "corrupt":
+        _, unreadable, empty = value
+        skipped = {k: v for k, v in rows[-1].items() if k.startswith("skipped_")}
+        assert sum(skipped.values()) >= unreadable + empty > 0
+
+
+def test_training_lowers_the_loss(tmp_path, tiny_sd_path, shapes_dataset):
+    out = train(
+        tmp_path, "learn", tiny_sd_path, shapes_dataset,
+        "--max_train_steps", "40", "--learning_rate", "2e-3", "--checkpointing_steps", "40",
+    )  # fmt: skip
+    losses = [r["loss"] for r in metrics(out)]
+    first, last = np.mean(losses[:8]), np.mean(losses[-8:])
+    assert last < 0.5 * first, (first, last)
+
+
+def test_export_cli_from_any_checkpoint(tmp_path, tiny_sd_path, shapes_dataset):
+    from jaxdiff.export import main as export_main
+
+    out = train(
+        tmp_path, "run", tiny_sd_path, shapes_dataset, "--max_train_steps", "2", "--checkpointing_steps", "1",
+        "--use_ema",
+    )  # fmt: skip
+    export_main(["--checkpoint", str(out / "checkpoints" / "2"), "--output_dir", str(tmp_path / "ema")])
+    export_main(["--checkpoint", str(out), "--no-ema", "--output_dir", str(tmp_path / "raw")])
+    final, ema, raw = unet_weights(out), unet_weights(tmp_path / "ema"), unet_weights(tmp_path / "raw")
+    assert all(np.array_equal(final[k], ema[k]) for k in final)  # the run exported EMA weights too
+    assert any(not np.array_equal(ema[k], raw[k]) for k in final)
