@@ -16,6 +16,7 @@ import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from PIL import Image
 
 from jaxdiff import cli, optim, parallel
 from jaxdiff.checkpoint import Checkpointer, PreemptionGuard, resolve_resume
@@ -269,8 +270,8 @@ class Trainer:
             )
             grids.append(np.asarray(images))
         paths = save_validation_images(self.out, step, list(prompts), grids)
-        for path, grid in zip(paths, grids, strict=True):
-            metrics_logger.log_images(f"validation/{path.stem}", (grid * 255).round().astype(np.uint8), step)
+        for path in paths:
+            metrics_logger.log_images(f"validation/{path.stem}", np.asarray(Image.open(path).convert("RGB")), step)
 
     def export(self) -> None:
         """The final diffusers pipeline at output_dir: trained components written, the rest copied through."""

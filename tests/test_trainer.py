@@ -48,7 +48,7 @@ def test_end_to_end_export_loads_in_diffusers(tmp_path, tiny_sd_path, shapes_dat
         "--max_train_steps", "4", "--use_ema", "--snr_gamma", "5.0", "--gradient_accumulation_steps", "2",
         "--checkpointing_steps", "2", "--checkpoints_total_limit", "1",
         "--validation_prompts", "a red circle", "--validation_steps", "2", "--num_validation_images", "2",
-        "--validation_num_inference_steps", "2", "--random_flip",
+        "--validation_num_inference_steps", "2", "--random_flip", "--report_to", "tensorboard",
     )  # fmt: skip
     rows = metrics(out)
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
@@ -57,6 +57,7 @@ def test_end_to_end_export_loads_in_diffusers(tmp_path, tiny_sd_path, shapes_dat
     assert (out / "config.yaml").is_file()
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["4"]
     assert len(list((out / "samples").glob("*.png"))) == 2  # steps 2 and 4, one prompt
+    assert list((out / "logs").glob("events.out.tfevents.*"))
 
     from diffusers import StableDiffusionPipeline
 

@@ -6,8 +6,8 @@ import importlib.metadata
 import json
 import os
 import warnings
-from collections.abc import Mapping
-from typing import Any, ClassVar, Literal
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar, Literal, TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -19,6 +19,7 @@ from typing_extensions import Self
 from jaxdiff import weights
 
 ConfigFormat = Literal["diffusers", "transformers"]
+M = TypeVar("M", bound=nnx.Module)
 
 # Bookkeeping keys transformers writes beside the fields; save_pretrained derives them from the model class.
 _TRANSFORMERS_METADATA_KEYS = frozenset(
@@ -33,6 +34,22 @@ def _to_tuples(value: Any) -> Any:
 
 def _to_lists(value: Any) -> Any:
     return list(map(_to_lists, value)) if isinstance(value, tuple) else value
+
+
+def abstract_model(build: Callable[[nnx.Rngs], M]) -> M:
+    """``nnx.eval_shape`` of ``build(rngs)``: shapes, dtypes and metadata, no memory, no compute.
+
+    The RNG counter stays a concrete host scalar while tracing: flax 0.12.8 reads ``.sharding`` of a traced
+    counter at every draw, and that error path walks the whole trace, which made building SDXL's UNet abstractly
+    take a minute (quadratic in the number of parameters) instead of seconds.
+    """
+
+    def traced() -> M:
+        rngs = nnx.Rngs(0)
+        rngs.params.count.set_raw_value(np.zeros((), np.uint32))
+        return build(rngs)
+
+    return nnx.eval_shape(traced)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,13 +143,13 @@ class PretrainedModel(nnx.Module):
         config = cls._config(weights.read_config(folder))
         state_dict = weights.read_state_dict(folder, cls.weights_name, variant=variant, allow_pickle=allow_pickle)
 
-        def build() -> Self:
-            return cls(config, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0), **kwargs)
+        def build(rngs: nnx.Rngs) -> Self:
+            return cls(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs, **kwargs)
 
-        model = nnx.eval_shape(build)
+        model = abstract_model(build)
         if jax.tree.leaves(nnx.state(model, nnx.Not(nnx.Param))):
             # Non-parameter state (RNG streams, statistics) is not in checkpoints: compute only that part.
-            nnx.update(model, jax.jit(lambda: nnx.state(build(), nnx.Not(nnx.Param)))())
+            nnx.update(model, jax.jit(lambda: nnx.state(build(nnx.Rngs(0)), nnx.Not(nnx.Param)))())
         weights.load_state_dict(model, state_dict)
         return model
 

@@ -1,11 +1,13 @@
 """Helpers for parity tests of Flax modules against their diffusers/transformers torch oracles."""
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 import torch
 from flax import nnx
 
+from jaxdiff.models.modeling import abstract_model
 from jaxdiff.weights import load_state_dict
 
 
@@ -31,6 +33,18 @@ def randomize_(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
 def copy_torch_weights(ours: nnx.Module, theirs: torch.nn.Module) -> None:
     """Loads the torch module's state dict into ours through ``jaxdiff.weights``."""
     load_state_dict(ours, {k: v.detach().numpy() for k, v in theirs.state_dict().items()})
+
+
+def load_from_torch(build: Callable[[nnx.Rngs], nnx.Module], theirs: torch.nn.Module) -> nnx.Module:
+    """Our module built abstractly (no initialisation compute) and filled from the torch module's state dict."""
+    ours = abstract_model(build)
+    copy_torch_weights(ours, theirs)
+    return ours
+
+
+def jit_call(module: nnx.Module, *args, **static):
+    """``module(*args, **static)`` compiled (so it lands in the persistent cache); ``static`` kwargs are constants."""
+    return nnx.jit(lambda m, *a: m(*a, **static))(module, *args)
 
 
 def nchw_to_nhwc(x: torch.Tensor) -> np.ndarray:

@@ -1,0 +1,331 @@
+"""Training step time of the same SD-shaped model in jaxdiff and in diffusers (torch), side by side in one run.
+
+    python benchmarks/step_time.py [--steps 10] [--warmup 3] [--batch_size 4] [--resolution 256]
+
+Builds, in a temporary folder, a randomly initialised diffusers-format SD pipeline (a ~35M-parameter SD-shaped
+UNet, a small 4-level VAE, a small CLIP text encoder) and an imagefolder of generated 256 px images. Then it
+times one optimizer step of text-to-image fine-tuning on that pipeline:
+
+* jaxdiff: the Trainer's AOT-compiled step (VAE encode, CLIP, noise, UNet, MSE, AdamW with grad clipping);
+* torch: the step of diffusers' train_text_to_image.py on the same pipeline folder and the same batch.
+
+Warmup steps run first for each; the timed steps alternate jaxdiff / torch so that load from other processes
+on the machine falls on both alike. Prints the median ms/step and the ratio jaxdiff / torch (CPU target <= 1.25).
+
+With a GPU visible to both JAX and torch (``--device-kind auto``), the UNet is SD 1.5's at 512 px (64x64
+latents) in bf16, and the UNet model-FLOPs utilization is printed too (2.35 TFLOP per 512 px image per step).
+"""
+
+import argparse
+import json
+import logging
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from jaxdiff.demo import DEMO_SCHEDULER, TINY_VOCAB_WORDS, save_tiny_clip_tokenizer, write_imagefolder
+
+CPU_TARGET = 1.25
+SD_TRAIN_TFLOP_PER_512PX_IMAGE = 2.35  # UNet forward + backward, one 512 px image (64x64 latents)
+MAX_LENGTH = 77
+
+# ~35M parameters, SD 1.x-shaped: two cross-attention levels and one plain one, 2 resnets per level.
+CPU_UNET = {
+    "in_channels": 4,
+    "out_channels": 4,
+    "block_out_channels": [128, 256, 256],
+    "layers_per_block": 2,
+    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+    "cross_attention_dim": 384,
+    "attention_head_dim": 8,
+    "norm_num_groups": 32,
+}
+# The UNet of runwayml/stable-diffusion-v1-5.
+SD15_UNET = {
+    "in_channels": 4,
+    "out_channels": 4,
+    "block_out_channels": [320, 640, 1280, 1280],
+    "layers_per_block": 2,
+    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+    "cross_attention_dim": 768,
+    "attention_head_dim": 8,
+    "norm_num_groups": 32,
+}
+# Four levels (8x downsampling, as SD's VAE) with small channels.
+SMALL_VAE = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "block_out_channels": [32, 64, 64, 64],
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "latent_channels": 4,
+    "layers_per_block": 1,
+    "norm_num_groups": 32,
+    "scaling_factor": 0.18215,
+}
+
+
+def build_pipeline(path: Path, unet_config: dict, resolution: int, seed: int = 0) -> Path:
+    """A randomly initialised SD pipeline folder in diffusers format, written by jaxdiff's own models."""
+    from flax import nnx
+
+    from jaxdiff.models.autoencoder_kl import AutoencoderKL
+    from jaxdiff.models.clip import CLIPTextModel
+    from jaxdiff.models.unet_2d_condition import UNet2DConditionModel
+
+    tokenizer = save_tiny_clip_tokenizer(path / "tokenizer", model_max_length=MAX_LENGTH)
+    vocab_size = len(json.loads((tokenizer / "vocab.json").read_text()))
+    width = unet_config["cross_attention_dim"]
+    text_config = {
+        "vocab_size": vocab_size,
+        "hidden_size": width,
+        "intermediate_size": 4 * width,
+        "projection_dim": width,
+        "num_hidden_layers": 4,
+        "num_attention_heads": width // 64,
+        "max_position_embeddings": MAX_LENGTH,
+        "bos_token_id": vocab_size - 2,
+        "eos_token_id": vocab_size - 1,
+        "pad_token_id": vocab_size - 1,
+    }
+    rngs = nnx.Rngs(seed)
+    CLIPTextModel.from_config(text_config, rngs=rngs).save_pretrained(path / "text_encoder")
+    unet = {"sample_size": resolution // 8, **unet_config}
+    UNet2DConditionModel.from_config(unet, rngs=rngs).save_pretrained(path / "unet")
+    AutoencoderKL.from_config({"sample_size": resolution, **SMALL_VAE}, rngs=rngs).save_pretrained(path / "vae")
+    (path / "scheduler").mkdir(exist_ok=True)
+    (path / "scheduler" / "scheduler_config.json").write_text(json.dumps(DEMO_SCHEDULER, indent=2))
+    index = {
+        "_class_name": "StableDiffusionPipeline",
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+        "scheduler": ["diffusers", "DDPMScheduler"],
+        "safety_checker": [None, None],
+        "feature_extractor": [None, None],
+        "requires_safety_checker": False,
+    }
+    (path / "model_index.json").write_text(json.dumps(index, indent=2))
+    return path
+
+
+def build_images(path: Path, count: int, size: int, seed: int = 0) -> Path:
+    """`count` size x size PNGs of a coloured shape, captioned with the tiny tokenizer's words."""
+    rng = np.random.default_rng(seed)
+    colours = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 70, 220), "yellow": (235, 215, 40)}
+    samples = []
+    for i in range(count):
+        colour = list(colours)[i % len(colours)]
+        shape = ("circle", "square")[i % 2]
+        background = ("white", "black")[(i // 4) % 2]
+        image = Image.new("RGB", (size, size), (245, 245, 245) if background == "white" else (15, 15, 15))
+        x, y = (int(v) for v in rng.integers(0, size // 2, 2))
+        box = (x, y, x + size // 3, y + size // 3)
+        draw = ImageDraw.Draw(image)
+        (draw.ellipse if shape == "circle" else draw.rectangle)(box, fill=colours[colour])
+        caption = f"a {colour} {shape} on {background} background"
+        assert set(caption.split()) <= set(TINY_VOCAB_WORDS), caption
+        buffer = Path(path.parent / "tmp.png")
+        image.save(buffer)
+        samples.append((buffer.read_bytes(), caption))
+    buffer.unlink()
+    return write_imagefolder(path, samples, "jsonl")
+
+
+# ---- jaxdiff ----------------------------------------------------------------------------------------------
+
+
+def jaxdiff_step(model: Path, data: Path, out: Path, args: argparse.Namespace, gpu: bool):
+    """(run one step and wait for it, the host batch, the config) with jaxdiff's Trainer, compiled once."""
+    import jax
+
+    from jaxdiff import cli
+    from jaxdiff.trainer import Trainer
+
+    config = cli.resolve(
+        cli.validate(
+            {
+                "pretrained_model_name_or_path": str(model),
+                "train_data_dir": str(data),
+                "output_dir": str(out),
+                "resolution": args.resolution,
+                "center_crop": True,
+                "train_batch_size": args.batch_size,
+                "mixed_precision": "bf16" if gpu else "no",
+                "report_to": "none",
+                "seed": 0,
+                "max_train_steps": 1000,
+                "dataloader_num_workers": 0,
+            }
+        )
+    )
+    trainer = Trainer(config)
+    host_batch = next(trainer.data)
+    batch = trainer.global_batch(host_batch)
+    start = time.perf_counter()
+    compiled = trainer.compile_step(batch)
+    print(f"jaxdiff: step compiled in {time.perf_counter() - start:.1f} s")
+    holder = {"state": trainer.state}
+
+    def step() -> dict:
+        holder["state"], metrics = compiled(holder["state"], trainer.frozen, batch)
+        jax.block_until_ready((holder["state"], metrics))
+        return metrics
+
+    return step, host_batch, config
+
+
+# ---- diffusers torch --------------------------------------------------------------------------------------
+
+
+def torch_step(model: Path, host_batch: dict, config, gpu: bool):
+    """One optimizer step of diffusers' train_text_to_image.py on the same pipeline and batch."""
+    import torch
+    import torch.nn.functional as F
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    torch.manual_seed(0)
+    device = torch.device("cuda" if gpu else "cpu")
+    if not gpu:
+        torch.set_num_threads(os.cpu_count() or 1)
+    scheduler = DDPMScheduler.from_pretrained(model, subfolder="scheduler")
+    text_encoder = CLIPTextModel.from_pretrained(model, subfolder="text_encoder").to(device)
+    vae = AutoencoderKL.from_pretrained(model, subfolder="vae").to(device)
+    unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet").to(device)
+    vae.requires_grad_(False)
+    text_encoder.requires_grad_(False)
+    unet.train()
+    if gpu:  # mixed precision as accelerate does it: frozen models in bf16, the UNet in fp32 under autocast
+        vae.to(dtype=torch.bfloat16)
+        text_encoder.to(dtype=torch.bfloat16)
+    optimizer = torch.optim.AdamW(
+        unet.parameters(),
+        lr=config.learning_rate,
+        betas=(config.adam_beta1, config.adam_beta2),
+        weight_decay=config.adam_weight_decay,
+        eps=config.adam_epsilon,
+    )
+    weight_dtype = torch.bfloat16 if gpu else torch.float32
+    pixel_values = torch.from_numpy(np.asarray(host_batch["pixel_values"])).to(device, weight_dtype)
+    input_ids = torch.from_numpy(np.asarray(host_batch["input_ids"]).astype(np.int64)).to(device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=gpu)
+
+    def step() -> float:
+        with torch.no_grad():
+            latents = vae.encode(pixel_values).latent_dist.sample() * vae.config.scaling_factor
+            encoder_hidden_states = text_encoder(input_ids, return_dict=False)[0]
+        noise = torch.randn_like(latents)
+        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), device=device)
+        noisy_latents = scheduler.add_noise(latents, noise, timesteps)
+        with autocast:
+            model_pred = unet(noisy_latents, timesteps, encoder_hidden_states, return_dict=False)[0]
+        loss = F.mse_loss(model_pred.float(), noise.float(), reduction="mean")
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), config.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad()
+        value = loss.item()  # the training script logs loss.detach().item() every step
+        if gpu:
+            torch.cuda.synchronize()
+        return value
+
+    return step, sum(p.numel() for p in unet.parameters())
+
+
+# ---- the benchmark ----------------------------------------------------------------------------------------
+
+
+def detect_gpu(kind: str) -> bool:
+    if kind == "cpu":
+        return False
+    import jax
+    import torch
+
+    found = jax.devices()[0].platform == "gpu" and torch.cuda.is_available()
+    if kind == "gpu" and not found:
+        raise SystemExit("--device-kind gpu: JAX and torch do not both see a GPU")
+    return found
+
+
+def timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=10, help="Timed steps of each framework.")
+    parser.add_argument("--warmup", type=int, default=3, help="Untimed steps of each framework first.")
+    parser.add_argument("--batch_size", type=int, default=None, help="Default: 4 on CPU, 16 on GPU.")
+    parser.add_argument("--resolution", type=int, default=None, help="Default: 256 on CPU, 512 on GPU.")
+    parser.add_argument("--device-kind", dest="device_kind", choices=("auto", "cpu", "gpu"), default="auto")
+    parser.add_argument("--peak_tflops", type=float, default=989.0, help="Device peak (dense bf16) for MFU.")
+    parser.add_argument("--images", type=int, default=16, help="Images in the generated imagefolder.")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+
+    gpu = detect_gpu(args.device_kind)
+    args.batch_size = args.batch_size or (16 if gpu else 4)
+    args.resolution = args.resolution or (512 if gpu else 256)
+    unet_config = SD15_UNET if gpu else CPU_UNET
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        start = time.perf_counter()
+        model = build_pipeline(root / "sd", unet_config, args.resolution)
+        data = build_images(root / "images", args.images, args.resolution)
+        print(f"built pipeline and {args.images} images in {time.perf_counter() - start:.1f} s")
+
+        jax_fn, host_batch, config = jaxdiff_step(model, data, root / "out", args, gpu)
+        torch_fn, params = torch_step(model, host_batch, config, gpu)
+        print(f"UNet parameters: {params:,}")
+        print(f"warmup: {args.warmup} steps each; timing {args.steps} steps each, alternating jaxdiff / torch")
+        for _ in range(args.warmup):
+            jax_fn()
+            torch_fn()
+        jax_times, torch_times = [], []
+        for _ in range(args.steps):
+            jax_times.append(timed(jax_fn))
+            torch_times.append(timed(torch_fn))
+
+    def spread(times: list[float]) -> str:
+        return f"{1000 * statistics.median(times):.1f}  [min {1000 * min(times):.1f}, max {1000 * max(times):.1f}]"
+
+    jax_ms = 1000 * statistics.median(jax_times)
+    torch_ms = 1000 * statistics.median(torch_times)
+    ratio = jax_ms / torch_ms
+    device = "GPU, bf16" if gpu else f"CPU ({os.cpu_count()} cores), float32"
+    rows = [
+        ("device", device),
+        ("UNet parameters", f"{params:,}"),
+        ("batch", f"{args.batch_size} x 3 x {args.resolution} x {args.resolution}"),
+        ("jaxdiff ms/step (median)", spread(jax_times)),
+        ("torch ms/step (median)", spread(torch_times)),
+        ("ratio jaxdiff / torch", f"{ratio:.3f}"),
+    ]
+    if gpu:
+        flop = SD_TRAIN_TFLOP_PER_512PX_IMAGE * 1e12 * args.batch_size * (args.resolution / 512) ** 2
+        for name, ms in (("jaxdiff", jax_ms), ("torch", torch_ms)):
+            mfu = flop / (ms / 1000) / (args.peak_tflops * 1e12)
+            rows.append((f"{name} UNet MFU", f"{100 * mfu:.1f}% of {args.peak_tflops:g} TFLOP/s"))
+    else:
+        verdict = "meets" if ratio <= CPU_TARGET else "misses"
+        rows.append(("CPU target", f"ratio <= {CPU_TARGET} ({verdict} it)"))
+    width = max(len(name) for name, _ in rows)
+    print()
+    for name, value in rows:
+        print(f"{name:<{width}}  {value}")
+
+
+if __name__ == "__main__":
+    main()

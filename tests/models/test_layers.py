@@ -1,0 +1,184 @@
+"""Shared layers against diffusers' torch modules: float32, every parameter randomized, NHWC vs NCHW."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from diffusers.models.attention import BasicTransformerBlock as TorchBasicTransformerBlock
+from diffusers.models.attention import FeedForward as TorchFeedForward
+from diffusers.models.attention_processor import Attention as TorchAttention
+from diffusers.models.downsampling import Downsample2D as TorchDownsample2D
+from diffusers.models.embeddings import TimestepEmbedding as TorchTimestepEmbedding
+from diffusers.models.embeddings import get_timestep_embedding as torch_get_timestep_embedding
+from diffusers.models.resnet import ResnetBlock2D as TorchResnetBlock2D
+from diffusers.models.transformers.transformer_2d import Transformer2DModel as TorchTransformer2DModel
+from diffusers.models.upsampling import Upsample2D as TorchUpsample2D
+from flax import nnx
+
+from jaxdiff.models import layers
+from tests.models import jit_call, load_from_torch, max_abs_diff, nchw_to_nhwc, randomize_
+
+TOL = 1e-5
+
+
+def _randn(*shape: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def _nhwc_to_nchw(x) -> np.ndarray:
+    return np.asarray(x).transpose(0, 3, 1, 2)
+
+
+@pytest.mark.parametrize(
+    "dim, flip, shift, scale, max_period",
+    [(32, True, 0.0, 1.0, 10000), (32, False, 1.0, 1.0, 10000), (33, True, 1.0, 3.0, 100)],
+)
+def test_get_timestep_embedding(dim, flip, shift, scale, max_period):
+    t = torch.tensor([0.0, 1.0, 17.5, 999.0])
+    theirs = torch_get_timestep_embedding(t, dim, flip, shift, scale, max_period)
+    ours = layers.get_timestep_embedding(jnp.asarray(t.numpy()), dim, flip, shift, scale, max_period)
+    assert max_abs_diff(ours, theirs) <= TOL
+
+
+@pytest.mark.parametrize("cond_proj_dim, post_act", [(None, None), (8, "silu")])
+def test_timestep_embedding(cond_proj_dim, post_act):
+    theirs = randomize_(TorchTimestepEmbedding(16, 32, post_act_fn=post_act, cond_proj_dim=cond_proj_dim))
+    ours = load_from_torch(
+        lambda rngs: layers.TimestepEmbedding(16, 32, post_act_fn=post_act, cond_proj_dim=cond_proj_dim, rngs=rngs),
+        theirs,
+    )
+    x = _randn(3, 16)
+    cond = _randn(3, 8, seed=1) if cond_proj_dim else None
+    with torch.no_grad():
+        expected = theirs(x, cond)
+    got = jit_call(ours, jnp.asarray(x.numpy()), None if cond is None else jnp.asarray(cond.numpy()))
+    assert max_abs_diff(got, expected) <= TOL
+
+
+@pytest.mark.parametrize(
+    "in_ch, out_ch, temb, groups, kwargs",
+    [
+        (16, 16, 12, 4, {}),  # identity shortcut
+        (16, 24, 12, 8, {"output_scale_factor": 2.0, "eps": 1e-5}),  # 1x1 conv_shortcut
+        (16, 8, None, 4, {}),  # VAE style: no time embedding
+        (8, 8, 12, 4, {"time_embedding_norm": "scale_shift"}),
+    ],
+)
+def test_resnet_block_2d(in_ch, out_ch, temb, groups, kwargs):
+    theirs = randomize_(
+        TorchResnetBlock2D(in_channels=in_ch, out_channels=out_ch, temb_channels=temb, groups=groups, **kwargs)
+    )
+    ours = load_from_torch(
+        lambda rngs: layers.ResnetBlock2D(in_ch, out_ch, temb_channels=temb, groups=groups, rngs=rngs, **kwargs),
+        theirs,
+    )
+    x = _randn(2, in_ch, 6, 10)
+    t = _randn(2, temb, seed=1) if temb else None
+    with torch.no_grad():
+        expected = theirs(x, t)
+    got = jit_call(ours, jnp.asarray(nchw_to_nhwc(x)), None if t is None else jnp.asarray(t.numpy()))
+    assert max_abs_diff(_nhwc_to_nchw(got), expected) <= TOL
+
+
+def test_resnet_block_refuses_temb_without_projection():
+    block = layers.ResnetBlock2D(8, 8, temb_channels=None, groups=4, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="temb_channels=None"):
+        block(jnp.zeros((1, 4, 4, 8)), jnp.zeros((1, 4)))
+
+
+@pytest.mark.parametrize("use_conv, padding, size", [(True, 1, (6, 10)), (True, 0, (7, 10)), (False, 1, (7, 9))])
+def test_downsample_2d(use_conv, padding, size):
+    theirs = randomize_(TorchDownsample2D(8, use_conv=use_conv, padding=padding, name="op"))
+    ours = load_from_torch(lambda rngs: layers.Downsample2D(8, use_conv=use_conv, padding=padding, rngs=rngs), theirs)
+    x = _randn(2, 8, *size)
+    with torch.no_grad():
+        expected = theirs(x)
+    assert max_abs_diff(_nhwc_to_nchw(jit_call(ours, jnp.asarray(nchw_to_nhwc(x)))), expected) <= TOL
+
+
+@pytest.mark.parametrize("use_conv, output_size", [(True, None), (True, (7, 9)), (False, (11, 10))])
+def test_upsample_2d(use_conv, output_size):
+    theirs = randomize_(TorchUpsample2D(8, use_conv=use_conv, out_channels=8))
+    ours = load_from_torch(lambda rngs: layers.Upsample2D(8, use_conv=use_conv, rngs=rngs), theirs)
+    x = _randn(2, 8, 4, 5)
+    with torch.no_grad():
+        expected = theirs(x, output_size)
+    got = jit_call(ours, jnp.asarray(nchw_to_nhwc(x)), output_size=output_size)
+    assert max_abs_diff(_nhwc_to_nchw(got), expected) <= TOL
+
+
+@pytest.mark.parametrize("cross_dim, bias", [(None, False), (12, False), (12, True)])
+def test_attention_tokens(cross_dim, bias):
+    theirs = randomize_(TorchAttention(16, cross_attention_dim=cross_dim, heads=2, dim_head=8, bias=bias))
+    ours = load_from_torch(
+        lambda rngs: layers.Attention(16, cross_attention_dim=cross_dim, heads=2, dim_head=8, bias=bias, rngs=rngs),
+        theirs,
+    )
+    x = _randn(2, 10, 16)
+    context = _randn(2, 7, cross_dim, seed=1) if cross_dim else None
+    with torch.no_grad():
+        expected = theirs(x, context)
+    got = jit_call(ours, jnp.asarray(x.numpy()), None if context is None else jnp.asarray(context.numpy()))
+    assert max_abs_diff(got, expected) <= TOL
+
+
+def test_attention_image_with_group_norm_and_residual():
+    """The VAE / UNet2DModel mid-block form: NHWC image in, group norm, residual, rescaled output."""
+    kwargs = {"heads": 1, "dim_head": 16, "bias": True, "norm_num_groups": 4, "eps": 1e-6}
+    kwargs |= {"residual_connection": True, "rescale_output_factor": 2.0}
+    theirs = randomize_(TorchAttention(16, upcast_softmax=True, **kwargs))
+    ours = load_from_torch(lambda rngs: layers.Attention(16, upcast_attention=True, rngs=rngs, **kwargs), theirs)
+    x = _randn(2, 16, 5, 6)
+    with torch.no_grad():
+        expected = theirs(x)
+    assert max_abs_diff(_nhwc_to_nchw(jit_call(ours, jnp.asarray(nchw_to_nhwc(x)))), expected) <= TOL
+
+
+@pytest.mark.parametrize("activation_fn", ["geglu", "gelu", "gelu-approximate"])
+def test_feed_forward(activation_fn):
+    theirs = randomize_(TorchFeedForward(16, activation_fn=activation_fn))
+    ours = load_from_torch(lambda rngs: layers.FeedForward(16, activation_fn=activation_fn, rngs=rngs), theirs)
+    x = _randn(2, 5, 16)
+    with torch.no_grad():
+        expected = theirs(x)
+    assert max_abs_diff(jit_call(ours, jnp.asarray(x.numpy())), expected) <= TOL
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"cross_attention_dim": 12},
+        {"cross_attention_dim": 12, "only_cross_attention": True, "attention_bias": True},
+        {"double_self_attention": True},
+        {},  # self-attention only: no norm2/attn2
+    ],
+)
+def test_basic_transformer_block(kwargs):
+    theirs = randomize_(TorchBasicTransformerBlock(16, 2, 8, **kwargs))
+    ours = load_from_torch(lambda rngs: layers.BasicTransformerBlock(16, 2, 8, rngs=rngs, **kwargs), theirs)
+    x = _randn(2, 10, 16)
+    context = _randn(2, 7, 12, seed=1) if "cross_attention_dim" in kwargs else None
+    with torch.no_grad():
+        expected = theirs(x, encoder_hidden_states=context)
+    got = jit_call(ours, jnp.asarray(x.numpy()), None if context is None else jnp.asarray(context.numpy()))
+    assert max_abs_diff(got, expected) <= TOL
+
+
+@pytest.mark.parametrize("use_linear_projection", [False, True])
+def test_transformer_2d_model(use_linear_projection):
+    kwargs = {"in_channels": 16, "num_layers": 2, "norm_num_groups": 4, "cross_attention_dim": 12}
+    kwargs["use_linear_projection"] = use_linear_projection
+    theirs = randomize_(TorchTransformer2DModel(2, 8, **kwargs))
+    ours = load_from_torch(lambda rngs: layers.Transformer2DModel(2, 8, rngs=rngs, **kwargs), theirs)
+    x, context = _randn(2, 16, 4, 6), _randn(2, 7, 12, seed=1)
+    with torch.no_grad():
+        expected = theirs(x, encoder_hidden_states=context).sample
+    got = jit_call(ours, jnp.asarray(nchw_to_nhwc(x)), jnp.asarray(context.numpy()))
+    assert max_abs_diff(_nhwc_to_nchw(got), expected) <= TOL
+
+
+def test_unknown_activation_is_refused():
+    with pytest.raises(ValueError, match="'tanhh' is not one of"):
+        layers.get_activation("tanhh")
+    with pytest.raises(ValueError, match="activation_fn 'swiglu'"):
+        layers.FeedForward(8, activation_fn="swiglu", rngs=nnx.Rngs(0))
