@@ -17,7 +17,6 @@ latents) in bf16, and the UNet model-FLOPs utilization is printed too (2.35 TFLO
 """
 
 import argparse
-import json
 import logging
 import os
 import statistics
@@ -26,9 +25,8 @@ import time
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw
 
-from jaxdiff.demo import DEMO_SCHEDULER, TINY_VOCAB_WORDS, save_tiny_clip_tokenizer, write_imagefolder
+from jaxdiff.demo import build_tiny_sd_pipeline, shape_samples, write_imagefolder
 
 CPU_TARGET = 1.25
 SD_TRAIN_TFLOP_PER_512PX_IMAGE = 2.35  # UNet forward + backward, one 512 px image (64x64 latents)
@@ -70,74 +68,6 @@ SMALL_VAE = {
     "norm_num_groups": 32,
     "scaling_factor": 0.18215,
 }
-
-
-def build_pipeline(path: Path, unet_config: dict, resolution: int, seed: int = 0) -> Path:
-    """A randomly initialised SD pipeline folder in diffusers format, written by jaxdiff's own models."""
-    from flax import nnx
-
-    from jaxdiff.models.autoencoder_kl import AutoencoderKL
-    from jaxdiff.models.clip import CLIPTextModel
-    from jaxdiff.models.unet_2d_condition import UNet2DConditionModel
-
-    tokenizer = save_tiny_clip_tokenizer(path / "tokenizer", model_max_length=MAX_LENGTH)
-    vocab_size = len(json.loads((tokenizer / "vocab.json").read_text()))
-    width = unet_config["cross_attention_dim"]
-    text_config = {
-        "vocab_size": vocab_size,
-        "hidden_size": width,
-        "intermediate_size": 4 * width,
-        "projection_dim": width,
-        "num_hidden_layers": 4,
-        "num_attention_heads": width // 64,
-        "max_position_embeddings": MAX_LENGTH,
-        "bos_token_id": vocab_size - 2,
-        "eos_token_id": vocab_size - 1,
-        "pad_token_id": vocab_size - 1,
-    }
-    rngs = nnx.Rngs(seed)
-    CLIPTextModel.from_config(text_config, rngs=rngs).save_pretrained(path / "text_encoder")
-    unet = {"sample_size": resolution // 8, **unet_config}
-    UNet2DConditionModel.from_config(unet, rngs=rngs).save_pretrained(path / "unet")
-    AutoencoderKL.from_config({"sample_size": resolution, **SMALL_VAE}, rngs=rngs).save_pretrained(path / "vae")
-    (path / "scheduler").mkdir(exist_ok=True)
-    (path / "scheduler" / "scheduler_config.json").write_text(json.dumps(DEMO_SCHEDULER, indent=2))
-    index = {
-        "_class_name": "StableDiffusionPipeline",
-        "text_encoder": ["transformers", "CLIPTextModel"],
-        "tokenizer": ["transformers", "CLIPTokenizer"],
-        "unet": ["diffusers", "UNet2DConditionModel"],
-        "vae": ["diffusers", "AutoencoderKL"],
-        "scheduler": ["diffusers", "DDPMScheduler"],
-        "safety_checker": [None, None],
-        "feature_extractor": [None, None],
-        "requires_safety_checker": False,
-    }
-    (path / "model_index.json").write_text(json.dumps(index, indent=2))
-    return path
-
-
-def build_images(path: Path, count: int, size: int, seed: int = 0) -> Path:
-    """`count` size x size PNGs of a coloured shape, captioned with the tiny tokenizer's words."""
-    rng = np.random.default_rng(seed)
-    colours = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 70, 220), "yellow": (235, 215, 40)}
-    samples = []
-    for i in range(count):
-        colour = list(colours)[i % len(colours)]
-        shape = ("circle", "square")[i % 2]
-        background = ("white", "black")[(i // 4) % 2]
-        image = Image.new("RGB", (size, size), (245, 245, 245) if background == "white" else (15, 15, 15))
-        x, y = (int(v) for v in rng.integers(0, size // 2, 2))
-        box = (x, y, x + size // 3, y + size // 3)
-        draw = ImageDraw.Draw(image)
-        (draw.ellipse if shape == "circle" else draw.rectangle)(box, fill=colours[colour])
-        caption = f"a {colour} {shape} on {background} background"
-        assert set(caption.split()) <= set(TINY_VOCAB_WORDS), caption
-        buffer = Path(path.parent / "tmp.png")
-        image.save(buffer)
-        samples.append((buffer.read_bytes(), caption))
-    buffer.unlink()
-    return write_imagefolder(path, samples, "jsonl")
 
 
 # ---- jaxdiff ----------------------------------------------------------------------------------------------
@@ -282,8 +212,22 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         start = time.perf_counter()
-        model = build_pipeline(root / "sd", unet_config, args.resolution)
-        data = build_images(root / "images", args.images, args.resolution)
+        width = unet_config["cross_attention_dim"]
+        model = build_tiny_sd_pipeline(
+            root / "sd",
+            unet={"sample_size": args.resolution // 8, **unet_config},
+            vae={"sample_size": args.resolution, **SMALL_VAE},
+            text={
+                "hidden_size": width,
+                "intermediate_size": 4 * width,
+                "projection_dim": width,
+                "num_hidden_layers": 4,
+                "num_attention_heads": width // 64,
+            },
+            max_length=MAX_LENGTH,
+        )
+        size = (args.resolution, args.resolution)
+        data = write_imagefolder(root / "images", shape_samples(args.images, size=size), "jsonl")
         print(f"built pipeline and {args.images} images in {time.perf_counter() - start:.1f} s")
 
         jax_fn, host_batch, config = jaxdiff_step(model, data, root / "out", args, gpu)

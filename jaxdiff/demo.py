@@ -12,6 +12,7 @@ import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from PIL import Image, ImageDraw
 
@@ -125,11 +126,15 @@ IMAGE_SIZE = (48, 40)  # (width, height), as PIL counts
 NUM_SAMPLES = 12
 
 
-def shape_image(colour: str, shape: str, background: str, offset: int = 0) -> Image.Image:
-    """A `colour` `shape` on a `background`, shifted right by `offset` px so samples with one caption differ."""
-    image = Image.new("RGB", IMAGE_SIZE, BACKGROUNDS[background])
+def shape_image(
+    colour: str, shape: str, background: str, offset: int = 0, size: tuple[int, int] = IMAGE_SIZE
+) -> Image.Image:
+    """A `colour` `shape` on a `background` in a (width, height) image, shifted right by `offset` (in 48 px
+    units) so samples with one caption differ."""
+    scale = size[0] / IMAGE_SIZE[0]
+    image = Image.new("RGB", size, BACKGROUNDS[background])
     draw = ImageDraw.Draw(image)
-    box = (10 + offset, 6, 34 + offset, 30)
+    box = tuple(round(v * scale) for v in (10 + offset, 6, 34 + offset, 30))
     fill = COLOURS[colour]
     if shape == "circle":
         draw.ellipse(box, fill=fill)
@@ -140,15 +145,16 @@ def shape_image(colour: str, shape: str, background: str, offset: int = 0) -> Im
     return image
 
 
-def shape_samples(num_samples: int = NUM_SAMPLES) -> list[tuple[bytes, str]]:
-    """`num_samples` (PNG bytes, caption) pairs cycling through colours, shapes and backgrounds."""
+def shape_samples(num_samples: int = NUM_SAMPLES, size: tuple[int, int] = IMAGE_SIZE) -> list[tuple[bytes, str]]:
+    """`num_samples` (PNG bytes, caption) pairs of (width, height) `size`, cycling through colours, shapes and
+    backgrounds."""
     samples = []
     colours, backgrounds = list(COLOURS), list(BACKGROUNDS)
     for i in range(num_samples):
         colour, shape = colours[i % len(colours)], SHAPES[i % len(SHAPES)]
         background = backgrounds[(i // len(colours)) % len(backgrounds)]
         buffer = io.BytesIO()
-        shape_image(colour, shape, background, offset=i % 5).save(buffer, format="PNG")
+        shape_image(colour, shape, background, offset=i % 5, size=size).save(buffer, format="PNG")
         caption = f"a {colour} {shape} on {background} background"
         assert set(caption.split()) <= set(TINY_VOCAB_WORDS), caption
         samples.append((buffer.getvalue(), caption))
@@ -215,32 +221,45 @@ DEMO_SCHEDULER = {
 }
 
 
-def build_tiny_sd_pipeline(path: Path, seed: int = 0) -> Path:
-    """A randomly initialised, SD 1.x-shaped pipeline folder that diffusers' StableDiffusionPipeline loads."""
+def build_tiny_sd_pipeline(
+    path: Path,
+    seed: int = 0,
+    *,
+    unet: dict[str, Any] = DEMO_UNET,
+    vae: dict[str, Any] = DEMO_VAE,
+    text: dict[str, Any] | None = None,
+    max_length: int = DEMO_MAX_LENGTH,
+) -> Path:
+    """A randomly initialised, SD 1.x-shaped pipeline folder that diffusers' StableDiffusionPipeline loads.
+
+    ``unet``/``vae`` are diffusers config dicts; ``text`` overrides the CLIP text config (the token ids always
+    come from the tiny tokenizer).
+    """
     from flax import nnx
 
     from jaxdiff.models.autoencoder_kl import AutoencoderKL
     from jaxdiff.models.clip import CLIPTextModel
     from jaxdiff.models.unet_2d_condition import UNet2DConditionModel
 
-    tokenizer = save_tiny_clip_tokenizer(path / "tokenizer", model_max_length=DEMO_MAX_LENGTH)
+    tokenizer = save_tiny_clip_tokenizer(path / "tokenizer", model_max_length=max_length)
     vocab_size = len(json.loads((tokenizer / "vocab.json").read_text()))
     text_config = {
-        "vocab_size": vocab_size,
         "hidden_size": 32,
         "intermediate_size": 64,
         "projection_dim": 32,
         "num_hidden_layers": 2,
         "num_attention_heads": 4,
-        "max_position_embeddings": DEMO_MAX_LENGTH,
+        **(text or {}),
+        "vocab_size": vocab_size,
+        "max_position_embeddings": max_length,
         "bos_token_id": vocab_size - 2,
         "eos_token_id": vocab_size - 1,
         "pad_token_id": vocab_size - 1,
     }
     rngs = nnx.Rngs(seed)
     CLIPTextModel.from_config(text_config, rngs=rngs).save_pretrained(path / "text_encoder")
-    UNet2DConditionModel.from_config(DEMO_UNET, rngs=rngs).save_pretrained(path / "unet")
-    AutoencoderKL.from_config(DEMO_VAE, rngs=rngs).save_pretrained(path / "vae")
+    UNet2DConditionModel.from_config(unet, rngs=rngs).save_pretrained(path / "unet")
+    AutoencoderKL.from_config(vae, rngs=rngs).save_pretrained(path / "vae")
     (path / "scheduler").mkdir(exist_ok=True)
     (path / "scheduler" / "scheduler_config.json").write_text(json.dumps(DEMO_SCHEDULER, indent=2))
     index = {

@@ -1,5 +1,6 @@
 """`python -m jaxdiff.train [--config FILE.yaml] [--name value ...]`: parse, resolve, hand to the backend."""
 
+import logging
 from collections.abc import Sequence
 
 from jaxdiff.cli import ConfigError, exit_with, parse_args, resolve, to_yaml
@@ -29,6 +30,8 @@ def run(config: TrainConfig) -> None:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point: every user error ends in one message and exit code 2."""
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("jaxdiff").setLevel(logging.INFO)
     try:
         config, print_config = parse_args(argv)
         config = resolve(config)

@@ -1,6 +1,8 @@
 """The JAX trainer end to end on tiny local pipelines and data, on 8 simulated devices."""
 
 import json
+import os
+import signal
 
 import jax
 import numpy as np
@@ -8,6 +10,7 @@ import pytest
 from safetensors.numpy import load_file
 
 from jaxdiff import parallel
+from jaxdiff.checkpoint import Checkpointer
 from jaxdiff.train import main
 
 BASE = [
@@ -68,18 +71,80 @@ def test_end_to_end_export_loads_in_diffusers(tmp_path, tiny_sd_path, shapes_dat
     assert any(not np.array_equal(trained[k], base[k]) for k in base)
 
 
-def test_resume_is_exact(tmp_path, tiny_sd_path, shapes_dataset):
-    flags = ("--use_ema", "--checkpointing_steps", "2")
-    straight = train(tmp_path, "straight", tiny_sd_path, shapes_dataset, "--max_train_steps", "4", *flags)
-    first = train(tmp_path, "resumed", tiny_sd_path, shapes_dataset, "--max_train_steps", "2", *flags)
-    resumed = train(
-        tmp_path, "resumed", tiny_sd_path, shapes_dataset, "--max_train_steps", "4",
-        "--resume_from_checkpoint", "latest", *flags,
+def test_resume_is_exact_also_after_sigterm(tmp_path, tiny_sd_path, shapes_dataset, monkeypatch):
+    flags = ("--use_ema", "--checkpointing_steps", "2", "--max_train_steps", "4")
+    straight = train(tmp_path, "straight", tiny_sd_path, shapes_dataset, *flags)
+
+    # Stopped after 2 of 4 steps by --max_train_steps, then resumed.
+    train(tmp_path, "resumed", tiny_sd_path, shapes_dataset, *flags[:-1], "2")
+    resumed = train(tmp_path, "resumed", tiny_sd_path, shapes_dataset, *flags, "--resume_from_checkpoint", "latest")
+
+    # Preempted: a real SIGTERM arrives during step 3 (no checkpoint due); the run saves step 3 and exits cleanly.
+    save = Checkpointer.save
+
+    def save_and_preempt(self, step, *args, **kwargs):
+        if step == 3 and not kwargs.get("force"):
+            os.kill(os.getpid(), signal.SIGTERM)
+        return save(self, step, *args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Checkpointer, "save", save_and_preempt)
+        preempted = train(tmp_path, "preempted", tiny_sd_path, shapes_dataset, *flags)
+    assert sorted(p.name for p in (preempted / "checkpoints").iterdir()) == ["2", "3"]
+    assert not (preempted / "model_index.json").exists()  # stopped before the export
+    train(tmp_path, "preempted", tiny_sd_path, shapes_dataset, *flags, "--resume_from_checkpoint", "latest")
+
+    losses = [r["loss"] for r in metrics(straight)]
+    for run in (resumed, preempted):
+        assert [r["loss"] for r in metrics(run)] == losses
+        a, b = unet_weights(straight), unet_weights(run)
+        assert all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_accumulation_equals_a_larger_batch(tmp_path, tiny_sd_path, shapes_dataset):
+    # A large Adam epsilon keeps updates proportional to gradients, so only reduction-order noise differs.
+    flags = ("--max_train_steps", "2", "--adam_epsilon", "1e-3")
+    accumulated = train(tmp_path, "accum", tiny_sd_path, shapes_dataset, *flags, "--gradient_accumulation_steps", "2")
+    large = train(tmp_path, "large", tiny_sd_path, shapes_dataset, *flags, "--global_batch_size", "16")
+    np.testing.assert_allclose(
+        [r["loss"] for r in metrics(accumulated)], [r["loss"] for r in metrics(large)], rtol=1e-5
+    )
+    a, b = unet_weights(accumulated), unet_weights(large)
+    for k in a:
+        np.testing.assert_allclose(a[k], b[k], atol=1e-5, err_msg=k)
+
+
+def test_sd2_v_prediction_with_every_loss_option(tmp_path, tiny_sd_v_path, shapes_dataset):
+    out = train(
+        tmp_path, "v", tiny_sd_v_path, shapes_dataset, "--max_train_steps", "2",
+        "--snr_gamma", "5", "--noise_offset", "0.1", "--input_perturbation", "0.1", "--timestep_bias_strategy",
+        "later", "--timestep_bias_multiplier", "2", "--gradient_checkpointing", "--mixed_precision", "bf16",
+        "--train_text_encoder", "--lr_scheduler", "cosine", "--lr_warmup_steps", "1",
     )  # fmt: skip
-    assert first == resumed
-    assert [r["loss"] for r in metrics(resumed)] == [r["loss"] for r in metrics(straight)]
-    a, b = unet_weights(straight), unet_weights(resumed)
-    assert all(np.array_equal(a[k], b[k]) for k in a)
+    rows = metrics(out)
+    assert all(np.isfinite(r["loss"]) for r in rows)
+    np.testing.assert_allclose([r["lr"] for r in rows], [0.0, 1e-3], rtol=1e-6)  # warmup, then the cosine's start
+    # transformers 5 saves CLIPTextModel keys without the "text_model." prefix; jaxdiff writes SD's layout.
+    text, base = (
+        {k.removeprefix("text_model."): v for k, v in load_file(root / "text_encoder" / "model.safetensors").items()}
+        for root in (out, tiny_sd_v_path)
+    )
+    assert text.keys() == base.keys()
+    assert any(not np.array_equal(text[k], base[k]) for k in base)  # the text encoder was trained and exported
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, tiny_sd_path, shapes_dataset, capsys):
+    argv = [*BASE, "--pretrained_model_name_or_path", str(tiny_sd_path), "--train_data_dir", str(shapes_dataset)]
+    out = tmp_path / "nan"
+    with pytest.raises(SystemExit) as exc:
+        main([*argv, "--output_dir", str(out), "--max_train_steps", "5", "--checkpointing_steps", "1",
+              "--learning_rate", "1e38", "--max_grad_norm", "0"])  # fmt: skip
+    assert exc.value.code == 1
+    err = capsys.readouterr().err
+    step = int(err.split(" at step ")[1].split(";")[0])
+    assert "loss is nan" in err or "loss is inf" in err
+    kept = sorted(int(p.name) for p in (out / "checkpoints").iterdir())
+    assert kept and max(kept) < step
 
 
 def test_meshes_agree(tmp_path, tiny_sd_path, shapes_dataset, monkeypatch):

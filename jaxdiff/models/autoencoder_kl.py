@@ -13,10 +13,15 @@ from flax import nnx
 from jax.typing import DTypeLike
 
 from jaxdiff.models import nn
-from jaxdiff.models.layers import ResnetBlock2D, Upsample2D
+from jaxdiff.models.layers import checkpointed
 from jaxdiff.models.modeling import ModelConfig, PretrainedModel
-from jaxdiff.models.unet_2d import UNetMidBlock2D, checkpointed
-from jaxdiff.models.unet_2d_blocks import DownBlock2D
+from jaxdiff.models.unet_2d_blocks import (
+    DownEncoderBlock2D,
+    UNetMidBlock2D,
+    UpDecoderBlock2D,
+    get_down_block,
+    get_up_block,
+)
 
 
 def _to_nhwc(x: jax.Array) -> jax.Array:
@@ -106,85 +111,6 @@ class AutoencoderKLConfig(ModelConfig):
                 )
 
 
-class DownEncoderBlock2D(DownBlock2D):
-    """The encoder's down block: DownBlock2D without a time embedding, returning only the hidden states."""
-
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        *,
-        num_layers: int = 1,
-        resnet_eps: float = 1e-6,
-        resnet_act_fn: str = "silu",
-        resnet_groups: int = 32,
-        add_downsample: bool = True,
-        downsample_padding: int = 1,
-        dtype: DTypeLike = jnp.float32,
-        param_dtype: DTypeLike = jnp.float32,
-        rngs: nnx.Rngs,
-    ):
-        super().__init__(
-            in_channels,
-            out_channels,
-            None,
-            num_layers=num_layers,
-            resnet_eps=resnet_eps,
-            resnet_act_fn=resnet_act_fn,
-            resnet_groups=resnet_groups,
-            add_downsample=add_downsample,
-            downsample_padding=downsample_padding,
-            dtype=dtype,
-            param_dtype=param_dtype,
-            rngs=rngs,
-        )
-
-    def __call__(self, hidden_states: jax.Array) -> jax.Array:
-        return super().__call__(hidden_states, None)[0]
-
-
-class UpDecoderBlock2D(nnx.Module):
-    """The decoder's up block: ``num_layers`` resnets without a time embedding, then an optional upsampler."""
-
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        *,
-        num_layers: int = 1,
-        resnet_eps: float = 1e-6,
-        resnet_act_fn: str = "silu",
-        resnet_groups: int = 32,
-        add_upsample: bool = True,
-        dtype: DTypeLike = jnp.float32,
-        param_dtype: DTypeLike = jnp.float32,
-        rngs: nnx.Rngs,
-    ):
-        kw = {"dtype": dtype, "param_dtype": param_dtype, "rngs": rngs}
-        self.resnets = nnx.List(
-            [
-                ResnetBlock2D(
-                    in_channels if i == 0 else out_channels,
-                    out_channels,
-                    temb_channels=None,
-                    groups=resnet_groups,
-                    eps=resnet_eps,
-                    non_linearity=resnet_act_fn,
-                    **kw,
-                )
-                for i in range(num_layers)
-            ]
-        )
-        self.upsamplers = nnx.List([Upsample2D(out_channels, use_conv=True, **kw)]) if add_upsample else None
-
-    def __call__(self, hidden_states: jax.Array) -> jax.Array:
-        for resnet in self.resnets:
-            hidden_states = resnet(hidden_states)
-        if self.upsamplers is not None:
-            hidden_states = self.upsamplers[0](hidden_states)
-        return hidden_states
-
-
 def _mid_block(config: AutoencoderKLConfig, attention_impl: nn.AttentionImpl, **kw) -> UNetMidBlock2D:
     """The VAE's mid block: single-head attention over the deepest width, no time embedding."""
     return UNetMidBlock2D(
@@ -219,9 +145,10 @@ class Encoder(nnx.Module):
         self.conv_in = nn.conv(config.in_channels, channels[0], 3, padding=1, **kw)
         self.down_blocks = nnx.List(
             [
-                DownEncoderBlock2D(
-                    channels[max(i - 1, 0)],
-                    channels[i],
+                get_down_block(
+                    block_type,
+                    in_channels=channels[max(i - 1, 0)],
+                    out_channels=channels[i],
                     num_layers=config.layers_per_block,
                     resnet_act_fn=config.act_fn,
                     resnet_groups=config.norm_num_groups,
@@ -229,7 +156,7 @@ class Encoder(nnx.Module):
                     downsample_padding=0,
                     **kw,
                 )
-                for i in range(len(channels))
+                for i, block_type in enumerate(config.down_block_types)
             ]
         )
         self.mid_block = _mid_block(config, attention_impl, **kw)
@@ -264,16 +191,17 @@ class Decoder(nnx.Module):
         self.mid_block = _mid_block(config, attention_impl, **kw)
         self.up_blocks = nnx.List(
             [
-                UpDecoderBlock2D(
-                    channels[max(i - 1, 0)],
-                    channels[i],
+                get_up_block(
+                    block_type,
+                    in_channels=channels[max(i - 1, 0)],
+                    out_channels=channels[i],
                     num_layers=config.layers_per_block + 1,
                     resnet_act_fn=config.act_fn,
                     resnet_groups=config.norm_num_groups,
                     add_upsample=i < len(channels) - 1,
                     **kw,
                 )
-                for i in range(len(channels))
+                for i, block_type in enumerate(config.up_block_types)
             ]
         )
         self.conv_norm_out = nn.group_norm(channels[-1], config.norm_num_groups, eps=1e-6, **kw)

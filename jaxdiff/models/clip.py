@@ -13,6 +13,7 @@ from flax import nnx
 from jax.typing import DTypeLike
 
 from jaxdiff.models import nn
+from jaxdiff.models.layers import checkpointed
 from jaxdiff.models.modeling import ModelConfig, PretrainedModel
 
 _ACTIVATIONS = {
@@ -162,7 +163,7 @@ class CLIPEncoder(nnx.Module):
 
     def __call__(self, x: jax.Array, mask: jax.Array | None) -> tuple[jax.Array, ...]:
         """Every layer's output, in order."""
-        call = nnx.remat(CLIPEncoderLayer.__call__) if self.gradient_checkpointing else CLIPEncoderLayer.__call__
+        call = checkpointed(CLIPEncoderLayer.__call__, self.gradient_checkpointing)
         outputs = []
         for layer in self.layers:
             x = call(layer, x, mask)

@@ -8,6 +8,7 @@ public models convert from and to diffusers' NCHW at their boundary.
 import math
 from collections.abc import Callable
 from functools import partial
+from typing import Any, TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -24,6 +25,17 @@ ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "relu": jax.nn.relu,
     "mish": jax.nn.mish,
 }
+
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def checkpointed(fn: _F, enabled: bool) -> _F:
+    """``fn`` rematerialised in the backward pass (``nnx.remat``) when ``enabled``; ``fn`` itself otherwise.
+
+    ``fn`` takes the module as its first argument (an unbound ``__call__``), so NNX lifts its state.
+    """
+    return nnx.remat(fn) if enabled else fn
 
 
 def get_activation(name: str) -> Callable[[jax.Array], jax.Array]:

@@ -1,12 +1,9 @@
-"""diffusers' unconditional ``UNet2DModel`` (DDPM, the butterflies tutorial) and the blocks it adds to
-``unet_2d_blocks``: self-attention down/up blocks and the ``UNetMidBlock2D`` it shares with the VAE.
+"""diffusers' unconditional ``UNet2DModel`` (DDPM, the butterflies tutorial); its blocks are in ``unet_2d_blocks``.
 
 Images are NCHW at the public boundary (as diffusers) and NHWC inside.
 """
 
 import dataclasses
-from collections.abc import Callable
-from typing import Any, TypeVar
 
 import flax.struct
 import jax
@@ -15,224 +12,12 @@ from flax import nnx
 from jax.typing import DTypeLike
 
 from jaxdiff.models import nn
-from jaxdiff.models.layers import Attention, ResnetBlock2D, TimestepEmbedding, Timesteps
+from jaxdiff.models.layers import TimestepEmbedding, Timesteps, checkpointed
 from jaxdiff.models.modeling import ModelConfig, PretrainedModel
-from jaxdiff.models.unet_2d_blocks import DownBlock2D, UpBlock2D
+from jaxdiff.models.unet_2d_blocks import UNetMidBlock2D, get_down_block, get_up_block
 
-_F = TypeVar("_F", bound=Callable[..., Any])
-
-
-def checkpointed(fn: _F, enabled: bool) -> _F:
-    """``fn`` rematerialised in the backward pass (``nnx.remat``) when ``enabled``; ``fn`` itself otherwise.
-
-    ``fn`` takes the module as its first argument (an unbound ``__call__``), so NNX lifts its state.
-    """
-    return nnx.remat(fn) if enabled else fn
-
-
-def _self_attentions(
-    channels: int,
-    num_layers: int,
-    *,
-    attention_head_dim: int,
-    norm_num_groups: int | None,
-    eps: float,
-    rescale_output_factor: float,
-    attention_impl: nn.AttentionImpl,
-    dtype: DTypeLike,
-    param_dtype: DTypeLike,
-    rngs: nnx.Rngs,
-) -> nnx.List:
-    """diffusers' image self-attention: group norm, ``channels // attention_head_dim`` heads, residual, biases."""
-    return nnx.List(
-        [
-            Attention(
-                channels,
-                heads=channels // attention_head_dim,
-                dim_head=attention_head_dim,
-                bias=True,
-                norm_num_groups=norm_num_groups,
-                eps=eps,
-                residual_connection=True,
-                rescale_output_factor=rescale_output_factor,
-                attention_impl=attention_impl,
-                dtype=dtype,
-                param_dtype=param_dtype,
-                rngs=rngs,
-            )
-            for _ in range(num_layers)
-        ]
-    )
-
-
-class UNetMidBlock2D(nnx.Module):
-    """``resnet, (self-attention, resnet) * num_layers``; ``temb_channels`` None for the VAE.
-
-    ``attention_head_dim`` is the width of one head (diffusers' meaning here); ``attn_groups`` defaults to
-    ``resnet_groups``. Without ``add_attention`` the ``attentions`` slots are empty.
-    """
-
-    def __init__(
-        self,
-        in_channels: int,
-        temb_channels: int | None,
-        *,
-        num_layers: int = 1,
-        resnet_eps: float = 1e-6,
-        resnet_act_fn: str = "silu",
-        resnet_groups: int = 32,
-        attn_groups: int | None = None,
-        add_attention: bool = True,
-        attention_head_dim: int = 1,
-        output_scale_factor: float = 1.0,
-        attention_impl: nn.AttentionImpl = "xla",
-        dtype: DTypeLike = jnp.float32,
-        param_dtype: DTypeLike = jnp.float32,
-        rngs: nnx.Rngs,
-    ):
-        kw = {"dtype": dtype, "param_dtype": param_dtype, "rngs": rngs}
-        self.resnets = nnx.List(
-            [
-                ResnetBlock2D(
-                    in_channels,
-                    in_channels,
-                    temb_channels=temb_channels,
-                    groups=resnet_groups,
-                    eps=resnet_eps,
-                    non_linearity=resnet_act_fn,
-                    output_scale_factor=output_scale_factor,
-                    **kw,
-                )
-                for _ in range(num_layers + 1)
-            ]
-        )
-        if add_attention:
-            self.attentions = _self_attentions(
-                in_channels,
-                num_layers,
-                attention_head_dim=attention_head_dim,
-                norm_num_groups=attn_groups or resnet_groups,
-                eps=resnet_eps,
-                rescale_output_factor=output_scale_factor,
-                attention_impl=attention_impl,
-                **kw,
-            )
-        else:
-            self.attentions = nnx.List([None] * num_layers)
-
-    def __call__(self, hidden_states: jax.Array, temb: jax.Array | None = None) -> jax.Array:
-        hidden_states = self.resnets[0](hidden_states, temb)
-        for attention, resnet in zip(self.attentions, self.resnets[1:], strict=True):
-            if attention is not None:
-                hidden_states = attention(hidden_states)
-            hidden_states = resnet(hidden_states, temb)
-        return hidden_states
-
-
-class AttnDownBlock2D(DownBlock2D):
-    """DownBlock2D with a group-normed residual self-attention after each resnet."""
-
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        temb_channels: int,
-        *,
-        num_layers: int = 1,
-        resnet_eps: float = 1e-6,
-        resnet_act_fn: str = "silu",
-        resnet_groups: int = 32,
-        attention_head_dim: int = 1,
-        output_scale_factor: float = 1.0,
-        add_downsample: bool = True,
-        downsample_padding: int = 1,
-        attention_impl: nn.AttentionImpl = "xla",
-        dtype: DTypeLike = jnp.float32,
-        param_dtype: DTypeLike = jnp.float32,
-        rngs: nnx.Rngs,
-    ):
-        kw = {"dtype": dtype, "param_dtype": param_dtype, "rngs": rngs}
-        super().__init__(
-            in_channels,
-            out_channels,
-            temb_channels,
-            num_layers=num_layers,
-            resnet_eps=resnet_eps,
-            resnet_act_fn=resnet_act_fn,
-            resnet_groups=resnet_groups,
-            output_scale_factor=output_scale_factor,
-            add_downsample=add_downsample,
-            downsample_padding=downsample_padding,
-            **kw,
-        )
-        # The base class declared ``attentions`` None, a static attribute: mark the list as data.
-        self.attentions = nnx.data(
-            _self_attentions(
-                out_channels,
-                num_layers,
-                attention_head_dim=attention_head_dim,
-                norm_num_groups=resnet_groups,
-                eps=resnet_eps,
-                rescale_output_factor=output_scale_factor,
-                attention_impl=attention_impl,
-                **kw,
-            )
-        )
-
-
-class AttnUpBlock2D(UpBlock2D):
-    """UpBlock2D with a group-normed residual self-attention after each resnet."""
-
-    def __init__(
-        self,
-        in_channels: int,
-        prev_output_channel: int,
-        out_channels: int,
-        temb_channels: int,
-        *,
-        num_layers: int = 1,
-        resnet_eps: float = 1e-6,
-        resnet_act_fn: str = "silu",
-        resnet_groups: int = 32,
-        attention_head_dim: int = 1,
-        output_scale_factor: float = 1.0,
-        add_upsample: bool = True,
-        attention_impl: nn.AttentionImpl = "xla",
-        dtype: DTypeLike = jnp.float32,
-        param_dtype: DTypeLike = jnp.float32,
-        rngs: nnx.Rngs,
-    ):
-        kw = {"dtype": dtype, "param_dtype": param_dtype, "rngs": rngs}
-        super().__init__(
-            in_channels,
-            prev_output_channel,
-            out_channels,
-            temb_channels,
-            num_layers=num_layers,
-            resnet_eps=resnet_eps,
-            resnet_act_fn=resnet_act_fn,
-            resnet_groups=resnet_groups,
-            output_scale_factor=output_scale_factor,
-            add_upsample=add_upsample,
-            **kw,
-        )
-        # The base class declared ``attentions`` None, a static attribute: mark the list as data.
-        self.attentions = nnx.data(
-            _self_attentions(
-                out_channels,
-                num_layers,
-                attention_head_dim=attention_head_dim,
-                norm_num_groups=resnet_groups,
-                eps=resnet_eps,
-                rescale_output_factor=output_scale_factor,
-                attention_impl=attention_impl,
-                **kw,
-            )
-        )
-
-
-_DOWN_BLOCKS: dict[str, type[DownBlock2D]] = {"DownBlock2D": DownBlock2D, "AttnDownBlock2D": AttnDownBlock2D}
-_UP_BLOCKS: dict[str, type[UpBlock2D]] = {"UpBlock2D": UpBlock2D, "AttnUpBlock2D": AttnUpBlock2D}
+_DOWN_BLOCK_TYPES: tuple[str, ...] = ("DownBlock2D", "AttnDownBlock2D")
+_UP_BLOCK_TYPES: tuple[str, ...] = ("UpBlock2D", "AttnUpBlock2D")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -280,7 +65,7 @@ class UNet2DConfig(ModelConfig):
         self.check_supported("resnet_time_scale_shift", "default")
         self.check_supported("class_embed_type", None)
         self.check_supported("num_class_embeds", None)
-        for key, supported in (("down_block_types", _DOWN_BLOCKS), ("up_block_types", _UP_BLOCKS)):
+        for key, supported in (("down_block_types", _DOWN_BLOCK_TYPES), ("up_block_types", _UP_BLOCK_TYPES)):
             unsupported = [t for t in getattr(self, key) if t not in supported]
             if unsupported:
                 raise ValueError(f"UNet2DConfig.{key} has {unsupported}; supported: {', '.join(supported)}")
@@ -325,13 +110,10 @@ class UNet2DModel(PretrainedModel):
             "resnet_eps": config.norm_eps,
             "resnet_act_fn": config.act_fn,
             "resnet_groups": config.norm_num_groups,
+            "attention_head_dim": config.attention_head_dim,  # None: one head, as wide as the block
+            "attention_impl": attention_impl,
             **kw,
         }
-
-        def attention_args(block_type: str, width: int) -> dict[str, Any]:
-            if not block_type.startswith("Attn"):
-                return {}
-            return {"attention_head_dim": config.attention_head_dim or width, "attention_impl": attention_impl}
 
         self.time_proj = Timesteps(channels[0], config.flip_sin_to_cos, config.freq_shift)
         self.time_embedding = TimestepEmbedding(channels[0], time_embed_dim, **kw)
@@ -340,12 +122,12 @@ class UNet2DModel(PretrainedModel):
         self.down_blocks = nnx.List()
         for i, block_type in enumerate(config.down_block_types):
             self.down_blocks.append(
-                _DOWN_BLOCKS[block_type](
-                    channels[max(i - 1, 0)],
-                    channels[i],
+                get_down_block(
+                    block_type,
+                    in_channels=channels[max(i - 1, 0)],
+                    out_channels=channels[i],
                     add_downsample=i < len(channels) - 1,
                     downsample_padding=config.downsample_padding,
-                    **attention_args(block_type, channels[i]),
                     **common,
                 )
             )
@@ -371,12 +153,12 @@ class UNet2DModel(PretrainedModel):
         self.up_blocks = nnx.List()
         for i, block_type in enumerate(config.up_block_types):
             self.up_blocks.append(
-                _UP_BLOCKS[block_type](
-                    reversed_channels[min(i + 1, len(channels) - 1)],
-                    reversed_channels[max(i - 1, 0)],
-                    reversed_channels[i],
+                get_up_block(
+                    block_type,
+                    in_channels=reversed_channels[min(i + 1, len(channels) - 1)],
+                    prev_output_channel=reversed_channels[max(i - 1, 0)],
+                    out_channels=reversed_channels[i],
                     add_upsample=i < len(channels) - 1,
-                    **attention_args(block_type, reversed_channels[i]),
                     **{**common, "num_layers": config.layers_per_block + 1},
                 )
             )

@@ -16,7 +16,7 @@ from flax import nnx
 from jax.typing import ArrayLike, DTypeLike
 
 from jaxdiff.models import nn
-from jaxdiff.models.layers import TimestepEmbedding, Timesteps, get_activation
+from jaxdiff.models.layers import TimestepEmbedding, Timesteps, checkpointed, get_activation
 from jaxdiff.models.modeling import ModelConfig, PretrainedModel
 from jaxdiff.models.unet_2d_blocks import (
     DOWN_BLOCK_TYPES,
@@ -335,4 +335,4 @@ class UNet2DConditionModel(PretrainedModel):
         def call(module: nnx.Module, *xs: Any) -> Any:
             return module(*xs, **static)
 
-        return (nnx.remat(call) if self.gradient_checkpointing else call)(block, *args)
+        return checkpointed(call, self.gradient_checkpointing)(block, *args)

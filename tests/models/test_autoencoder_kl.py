@@ -10,8 +10,8 @@ from diffusers.models.unets.unet_2d_blocks import DownEncoderBlock2D as TorchDow
 from diffusers.models.unets.unet_2d_blocks import UNetMidBlock2D as TorchUNetMidBlock2D
 from flax import nnx
 
-from jaxdiff.models.autoencoder_kl import AutoencoderKL, AutoencoderKLConfig, DiagonalGaussian, DownEncoderBlock2D
-from jaxdiff.models.unet_2d import UNetMidBlock2D
+from jaxdiff.models.autoencoder_kl import AutoencoderKL, AutoencoderKLConfig, DiagonalGaussian
+from jaxdiff.models.unet_2d_blocks import DownEncoderBlock2D, UNetMidBlock2D
 from jaxdiff.weights import module_to_state_dict
 from tests.models import copy_torch_weights, max_abs_diff, nchw_to_nhwc, randomize_
 from tests.models.test_unet_2d import remat_calls
