@@ -314,7 +314,10 @@ class Trainer:
             self.state, data_state = checkpointer.restore(start, abstract, directory=path.parent)
             self.data.set_state(data_state)
             log.info("resumed from step %d", start)
+        # Leaving this block in any way (end, preemption, error) waits for checkpoints still being written.
         with (
+            checkpointer,
+            self.data,
             MetricsLogger(
                 self.out,
                 report_to=cfg.report_to,
@@ -346,15 +349,12 @@ class Trainer:
                 if self._should_validate(step, self.data.epoch != epoch):
                     self.validate(step, metrics_logger)
                 if preemption.should_stop(step):
-                    self._flush_metrics(pending, tick, metrics_logger, progress) if pending else None
+                    if pending:
+                        self._flush_metrics(pending, tick, metrics_logger, progress)
                     checkpointer.save(step, self.state, self.data.get_state(), force=True)
-                    checkpointer.wait_until_finished()
                     log.warning("SIGTERM received: checkpoint saved at step %d, exiting", step)
                     return
             checkpointer.save(step, self.state, self.data.get_state(), force=True)
-            checkpointer.wait_until_finished()
-        checkpointer.close()
-        self.data.close()
         self.export()
 
     def compile_step(self, batch: dict[str, jax.Array]) -> Any:
