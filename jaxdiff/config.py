@@ -340,7 +340,11 @@ class TrainConfig(BaseModel):
 
     # Validation
     validation_prompts: list[str] | None = _field(
-        None, "Prompts sampled at each validation.", group="Validation", tasks=TEXT_TASKS
+        None,
+        "Prompts sampled at each validation (every validation_steps or validation_epochs; once at the end when "
+        "neither is set).",
+        group="Validation",
+        tasks=TEXT_TASKS,
     )
     validation_epochs: int | None = _field(None, "Validate every N epochs.", group="Validation", gt=0)
     validation_steps: int | None = _field(None, "Validate every N optimizer steps.", group="Validation", gt=0)

@@ -191,6 +191,9 @@ class Trainer:
             out_shardings=(self.state_shardings, None),
             donate_argnums=(0,),
         )
+        self._sample_fn = jax.jit(
+            lambda params, frozen, ids, rng: self.task.sample(self._models(params, frozen), ids, rng)
+        )
 
     def _max_train_steps(self) -> int:
         if self.config.max_train_steps:
@@ -255,19 +258,11 @@ class Trainer:
         prompts = cfg.validation_prompts or []
         if not prompts:
             return
-        if not hasattr(self, "_sample_fn"):
-            self._sample_fn = jax.jit(
-                lambda params, frozen, rng, batch_prompts: self.task.sample(
-                    self._models(params, frozen), batch_prompts, rng
-                ),
-                static_argnums=(3,),
-            )
         rng = jax.random.fold_in(jax.random.PRNGKey(cfg.seed), 2**31 - 1)
         grids = []
         for i, prompt in enumerate(prompts):
-            images = self._sample_fn(
-                self._params_for_eval(), self.frozen, jax.random.fold_in(rng, i), (prompt,) * cfg.num_validation_images
-            )
+            ids = self.task.tokenize([prompt] * cfg.num_validation_images)
+            images = self._sample_fn(self._params_for_eval(), self.frozen, ids, jax.random.fold_in(rng, i))
             grids.append(np.asarray(images))
         paths = save_validation_images(self.out, step, list(prompts), grids)
         for path in paths:
@@ -355,6 +350,8 @@ class Trainer:
                     log.warning("SIGTERM received: checkpoint saved at step %d, exiting", step)
                     return
             checkpointer.save(step, self.state, self.data.get_state(), force=True)
+            if cfg.validation_prompts and not (cfg.validation_steps or cfg.validation_epochs):
+                self.validate(step, metrics_logger)  # no interval given: validate the final weights once
         self.export()
 
     def compile_step(self, batch: dict[str, jax.Array]) -> Any:

@@ -218,7 +218,13 @@ def test_training_lowers_the_loss(tmp_path, tiny_sd_path, shapes_dataset):
     out = train(
         tmp_path, "learn", tiny_sd_path, shapes_dataset,
         "--max_train_steps", "40", "--learning_rate", "2e-3", "--checkpointing_steps", "40",
+        "--validation_prompts", "a red circle", "a blue square", "--validation_num_inference_steps", "2",
     )  # fmt: skip
+    # No validation interval: the final weights are sampled once, one grid per prompt.
+    assert sorted(p.name for p in (out / "samples").iterdir()) == [
+        "step-0000040_00_a-red-circle.png",
+        "step-0000040_01_a-blue-square.png",
+    ]
     losses = [r["loss"] for r in metrics(out)]
     first, last = np.mean(losses[:8]), np.mean(losses[-8:])
     assert last < 0.5 * first, (first, last)

@@ -145,25 +145,28 @@ class TextToImage:
             per_sample = per_sample * diffusion.min_snr_loss_weights(snr, cfg.snr_gamma, self.schedule.prediction_type)
         return jnp.mean(per_sample)
 
-    def encode_prompts(self, text_encoder: CLIPTextModel, prompts: list[str]) -> jax.Array:
-        ids = self.tokenizer(
-            prompts, padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True
-        ).input_ids
-        return text_encoder(jnp.asarray(np.asarray(ids, np.int32))).last_hidden_state
+    def tokenize(self, prompts: list[str]) -> np.ndarray:
+        """Token ids (len(prompts), max_length) for validation prompts, padded as in training."""
+        return np.asarray(
+            self.tokenizer(
+                prompts, padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True
+            ).input_ids,
+            np.int32,
+        )
 
-    def sample(self, models: Models, prompts: list[str], rng: jax.Array) -> jax.Array:
-        """Images (len(prompts), H, W, 3) in [0, 1] from DDIM with classifier-free guidance."""
+    def sample(self, models: Models, prompt_ids: jax.Array, rng: jax.Array) -> jax.Array:
+        """Images (B, H, W, 3) in [0, 1] for prompt token ids (B, L), from DDIM with classifier-free guidance."""
         cfg = self.config
-        cond = self.encode_prompts(models["text_encoder"], prompts)
-        uncond = self.encode_prompts(models["text_encoder"], [""] * len(prompts))
-        states = jnp.concatenate([uncond, cond])
+        batch = prompt_ids.shape[0]
+        uncond_ids = jnp.asarray(np.broadcast_to(self.tokenize([""]), prompt_ids.shape))
+        states = models["text_encoder"](jnp.concatenate([uncond_ids, prompt_ids])).last_hidden_state
         unet = models["unet"]
 
         def model_fn(x: jax.Array, t: jax.Array) -> jax.Array:
             return unet(x, t, states).sample.astype(jnp.float32)
 
         guided = diffusion.classifier_free_guidance(model_fn, cfg.validation_guidance_scale)
-        noise = jax.random.normal(rng, (len(prompts), *self.latent_shape))
+        noise = jax.random.normal(rng, (batch, *self.latent_shape))
         latents = diffusion.ddim_sample(self.schedule, guided, noise, cfg.validation_num_inference_steps)
         vae = models["vae"]
         images = vae.decode((latents / vae.config.scaling_factor).astype(self.vae_dtype)).sample
