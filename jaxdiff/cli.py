@@ -200,9 +200,14 @@ def infer_task(config: TrainConfig) -> str:
 
 def resolve(config: TrainConfig) -> TrainConfig:
     """Check paths, infer the task and refuse fields the task or backend would ignore."""
-    for name in ("pretrained_model_name_or_path", "pretrained_teacher_model", "pretrained_vae_model_name_or_path"):
+    models = (
+        "pretrained_model_name_or_path",
+        "pretrained_teacher_model",
+        "pretrained_vae_model_name_or_path",
+        "model_config_name_or_path",
+    )
+    for name in models:
         _check_path(config, name, hub_ok=True)
-    _check_path(config, "model_config_name_or_path", hub_ok=True)
     if not (config.dataset_name or "").startswith("tfds:"):  # TFDS names resolve under --tfds_data_dir
         _check_path(config, "dataset_name", hub_ok=True)
     _check_path(config, "tfds_data_dir", hub_ok=False)
