@@ -3,7 +3,9 @@
 Layout: ``output_dir/checkpoints/<step>/`` holding ``train_state`` (the pytree of possibly sharded arrays) and
 ``data_state_<process_index>`` (each host's JSON data-iterator state). A checkpoint counts only once Orbax has
 finished it: its step folder carries its final name (not ``<step>.orbax-checkpoint-tmp-*``), its commit marker
-and the items this process needs.
+and the items this process needs. The torch backend writes the same ``checkpoints/<step>/`` folders (accelerate
+state, EMA, data positions) in a temporary folder, puts ``TORCH_COMMIT_FILE`` in last and renames it into place;
+such a folder counts as finished, so ``finished_steps`` and ``resolve_resume`` serve both backends.
 
 Preemption: on one process, ``PreemptionGuard`` turns SIGTERM into a flag the trainer polls once per step. With
 several processes the hosts must agree on the step they save at, so the guard leaves SIGTERM to JAX's preemption
@@ -26,6 +28,8 @@ from orbax.checkpoint import checkpoint_managers
 from jaxdiff.cli import ConfigError
 
 TRAIN_STATE_ITEM = "train_state"
+#: Written last into a torch-backend checkpoint, before its folder is renamed to the step: its commit marker.
+TORCH_COMMIT_FILE = "torch_checkpoint.json"
 
 
 def data_state_item() -> str:
@@ -39,6 +43,8 @@ def _incomplete_reason(path: Path) -> str | None:
         return "no such folder"
     if not path.name.isdigit():
         return "not a step folder (its name must be the step number)"
+    if (path / TORCH_COMMIT_FILE).is_file():
+        return None  # a torch-backend checkpoint, only ever renamed into place whole
     if not ocp.path.step.is_path_finalized(path) or not (path / ocp.path.atomicity.COMMIT_SUCCESS_FILE).exists():
         return "unfinished (cut off while being written)"
     missing = [item for item in (TRAIN_STATE_ITEM, data_state_item()) if not (path / item).is_dir()]
@@ -183,14 +189,23 @@ class PreemptionGuard:
     """Turns SIGTERM (TPU VM preemption) into a flag the trainer polls once per step.
 
     The handler only sets the flag; the trainer then saves a forced checkpoint and exits cleanly. The
-    previous handler is restored on exit. With several processes no handler is installed (JAX's preemption
+    previous handler is restored on exit. With several JAX processes no handler is installed (JAX's preemption
     service owns SIGTERM there) and ``should_stop`` relies on ``reached_preemption_sync_point`` instead.
+
+    ``jax_multiprocess`` says whether that is the case (default: ``jax.process_count() > 1``). The torch backend
+    passes False: every process installs the handler, and the processes agree on the stop step themselves.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, jax_multiprocess: bool | None = None) -> None:
         self._event = threading.Event()
         self._previous: Any = None
         self._installed = False
+        self._jax_multiprocess = jax_multiprocess
+
+    def _multiprocess(self) -> bool:
+        if self._jax_multiprocess is None:
+            self._jax_multiprocess = jax.process_count() > 1
+        return self._jax_multiprocess
 
     @property
     def requested(self) -> bool:
@@ -201,7 +216,7 @@ class PreemptionGuard:
         """Whether to save and exit after ``step``: SIGTERM seen (one process) or all hosts at the sync point."""
         if self.requested:
             return True
-        if jax.process_count() > 1:
+        if self._multiprocess():
             try:
                 return bool(multihost_utils.reached_preemption_sync_point(int(step)))
             except RuntimeError:  # preemption service disabled
@@ -213,7 +228,7 @@ class PreemptionGuard:
 
     def __enter__(self) -> "PreemptionGuard":
         self._event.clear()
-        if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
+        if not self._multiprocess() and threading.current_thread() is threading.main_thread():
             self._previous = signal.signal(signal.SIGTERM, self._handle)
             self._installed = True
         return self

@@ -279,6 +279,12 @@ class TrainConfig(BaseModel):
     timestep_bias_portion: float = _field(
         0.25, "Portion of timesteps the earlier/later bias covers.", group="Diffusion", gt=0.0, le=1.0
     )
+    random_source: Literal["device", "host"] = _field(
+        "device",
+        "(jaxdiff) Where each step's noise, timesteps and latent samples are drawn: 'device' (fast), or 'host' "
+        "(NumPy, from seed and step) so that both backends see identical inputs, for cross-backend parity.",
+        group="Diffusion",
+    )
     loss_type: Literal["l2", "huber"] = _field("l2", "Loss between prediction and target.", group="Diffusion")
     huber_c: float = _field(0.001, "Pseudo-Huber loss parameter c.", group="Diffusion", gt=0.0)
 

@@ -11,10 +11,12 @@ touched.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import re
 import shutil
+import sys
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -25,6 +27,8 @@ import numpy as np
 from jaxdiff.cli import ConfigError
 
 EXPORT_DTYPES: dict[str, Any] = {"fp32": np.float32, "fp16": np.float16, "bf16": jnp.bfloat16}
+#: The torch dtype (attribute of ``torch``) of each export dtype, for components of the torch backend.
+TORCH_EXPORT_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 MODEL_INDEX = "model_index.json"
 #: Entries of output_dir that belong to training, never to the pipeline.
 RESERVED = frozenset({"checkpoints", "samples", "logs", "metrics.jsonl", "config.yaml"})
@@ -124,8 +128,31 @@ def _write_folder(output_dir: Path, name: str, fill: Callable[[Path], None]) -> 
     shutil.rmtree(old, ignore_errors=True)
 
 
+def _torch_module(component: Any) -> bool:
+    """Whether ``component`` is a torch module; never imports torch (without it no torch module can exist)."""
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(component, torch.nn.Module)
+
+
+def _save_component(component: Any, folder: Path, dtype: str) -> None:
+    """Writes a trained component as safetensors: a jaxdiff model in ``dtype``, or a torch diffusers/transformers
+    model (from a copy cast to ``dtype`` when its weights have another dtype; the model itself is left as it is)."""
+    if not _torch_module(component):
+        component.save_pretrained(folder, dtype=_export_dtype(dtype))
+        return
+    torch = sys.modules["torch"]
+    target = getattr(torch, TORCH_EXPORT_DTYPES[dtype])
+    tensors = [*component.parameters(), *component.buffers()]
+    if any(t.is_floating_point() and t.dtype != target for t in tensors):
+        component = copy.deepcopy(component).to(target)
+    component.save_pretrained(folder)
+
+
 def _model_index_entry(component: Any) -> list[str] | None:
-    """``[library, class]`` for a jaxdiff model (its torch class), ``None`` when the component does not say."""
+    """``[library, class]`` for a jaxdiff model (its torch class) or a torch model, ``None`` when the component
+    does not say."""
+    if _torch_module(component):
+        return [type(component).__module__.split(".")[0], type(component).__name__]
     torch_class = getattr(component, "torch_class_name", None)
     if torch_class is None:
         return None
@@ -143,11 +170,12 @@ def export_pipeline(
     """Writes the diffusers pipeline ``base_model`` with ``components`` swapped in to the root of ``output_dir``.
 
     ``components`` maps a pipeline folder name (``"unet"``, ``"text_encoder"``, ...) to a model with jaxdiff's
-    ``save_pretrained(path, *, dtype=...)``; its parameters must be addressable here (gathered, main process).
+    ``save_pretrained(path, *, dtype=...)``, or to a torch diffusers ``ModelMixin`` / transformers
+    ``PreTrainedModel`` (the torch backend's); its parameters must be addressable here (gathered, main process).
     ``dtype`` (fp32, fp16, bf16) is the dtype of the trained components' floating-point weights; copied
     components keep theirs. Returns ``output_dir``.
     """
-    np_dtype = _export_dtype(dtype)
+    _export_dtype(dtype)
     reserved = sorted(RESERVED.intersection(components))
     if reserved:
         raise ValueError(f"component names {reserved} clash with training files in output_dir")
@@ -172,7 +200,7 @@ def export_pipeline(
             raise ConfigError(f"pretrained_model_name_or_path={os.fspath(base_model)!r} has no {name}/ folder")
         _write_folder(output_dir, name, lambda tmp, src=base / name: _copy_component(src, tmp))
     for name, component in components.items():
-        _write_folder(output_dir, name, lambda tmp, model=component: model.save_pretrained(tmp, dtype=np_dtype))
+        _write_folder(output_dir, name, lambda tmp, model=component: _save_component(model, tmp, dtype))
         index[name] = _model_index_entry(component) or index[name]
     tmp = output_dir / f"{_TMP_PREFIX}{MODEL_INDEX}"
     tmp.write_text(json.dumps(index, indent=2) + "\n")

@@ -35,6 +35,18 @@ ReportTo = Literal["tensorboard", "wandb", "all", "none"]
 _REPORT_TO = ("tensorboard", "wandb", "all", "none")
 
 
+class NonFiniteLossError(RuntimeError):
+    """Training stopped on a NaN/inf loss; the last good checkpoint is kept."""
+
+
+def check_finite_loss(loss: float, step: int, checkpoints_dir: str | os.PathLike) -> None:
+    """Raises NonFiniteLossError naming the step when ``loss`` is NaN or infinite (check before checkpointing)."""
+    if not math.isfinite(loss):
+        raise NonFiniteLossError(
+            f"loss is {loss} at step {step}; training stopped, the last good checkpoint in {checkpoints_dir} is kept"
+        )
+
+
 def _atomic_write(path: Path, data: bytes) -> None:
     """Writes ``path`` through a temporary file in the same folder, so readers never see a partial file."""
     path.parent.mkdir(parents=True, exist_ok=True)

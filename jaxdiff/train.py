@@ -1,30 +1,46 @@
 """`python -m jaxdiff.train [--config FILE.yaml] [--name value ...]`: parse, resolve, hand to the backend."""
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from jaxdiff.cli import ConfigError, exit_with, parse_args, resolve, to_yaml
 from jaxdiff.config import TrainConfig
 
-# (backend, task) pairs that train today.
-IMPLEMENTED = {("jax", "text_to_image")}
+
+def _backend(name: str) -> tuple[dict[str, object], Callable[[TrainConfig], None]]:
+    """(tasks, train function) of a backend; torch is imported only for the torch backend."""
+    if name == "jax":
+        from jaxdiff.tasks import TASKS
+        from jaxdiff.trainer import train
+
+        return TASKS, train
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        raise ConfigError("--backend torch needs PyTorch: pip install -e '.[torch]'") from None
+    from torch_backend.tasks import TASKS
+    from torch_backend.trainer import train
+
+    return TASKS, train
 
 
 def run(config: TrainConfig) -> None:
     """Train with the configured backend and task."""
-    if (config.backend, config.task) not in IMPLEMENTED:
+    tasks, train = _backend(config.backend)
+    if config.task not in tasks:
         raise ConfigError(
-            f"task {config.task} is not implemented yet in the {config.backend} backend; nothing was trained"
+            f"task {config.task} is not implemented yet in the {config.backend} backend (it has: "
+            f"{', '.join(sorted(tasks))}); nothing was trained"
         )
-    from jaxdiff import trainer
     from jaxdiff.data import DataConfigError, NoUsableDataError
+    from jaxdiff.metrics import NonFiniteLossError
     from jaxdiff.weights import ModelFilesNotFoundError, WeightsMismatchError
 
     try:
-        trainer.train(config)
+        train(config)
     except (DataConfigError, NoUsableDataError, ModelFilesNotFoundError, WeightsMismatchError) as err:
         raise ConfigError(str(err)) from None
-    except trainer.NonFiniteLossError as err:
+    except NonFiniteLossError as err:
         exit_with(err, code=1)
 
 

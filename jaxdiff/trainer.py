@@ -21,19 +21,29 @@ from PIL import Image
 from jaxdiff import cli, optim, parallel
 from jaxdiff.checkpoint import Checkpointer, PreemptionGuard, resolve_resume
 from jaxdiff.config import TrainConfig
-from jaxdiff.data import LoaderSpec, SourceSpec, TransformSpec, make_train_iterator
+from jaxdiff.data import (
+    LatentCache,
+    SourceSpec,
+    TransformSpec,
+    build_latent_cache,
+    make_train_iterator,
+    specs_from_config,
+)
 from jaxdiff.export import check_hub_access, export_pipeline, push_to_hub
-from jaxdiff.metrics import MetricsLogger, ProgressBar, save_config, save_validation_images
-from jaxdiff.tasks.text_to_image import TextToImage
+from jaxdiff.metrics import (
+    MetricsLogger,
+    ProgressBar,
+    check_finite_loss,
+    save_config,
+    save_validation_images,
+)
+from jaxdiff.tasks import TASKS
 
 log = logging.getLogger("jaxdiff")
 
-TASKS = {"text_to_image": TextToImage}
 EMA_DEFAULT_DECAY = 0.9999
-
-
-class NonFiniteLossError(RuntimeError):
-    """Training stopped on a NaN/inf loss; the last good checkpoint is kept."""
+LATENT_CACHE_DIR = "latent_cache"  # default folder under output_dir
+HOST_RANDOMS = "randoms"  # batch key of host-drawn randoms (--random_source host)
 
 
 def _split(models: dict[str, nnx.Module]) -> tuple[dict, dict, dict]:
@@ -139,31 +149,9 @@ class Trainer:
         self.frozen_defs, frozen_params, self.frozen_rest = _split(self.task.frozen)
 
         # Input: each optimizer step consumes `accum` micro-batches, delivered as one batch.
+        source, transform, loader = specs_from_config(config, self.batch_size * self.accum)
         self.data = make_train_iterator(
-            SourceSpec(
-                dataset_name=config.dataset_name,
-                dataset_config_name=config.dataset_config_name,
-                cache_dir=config.cache_dir,
-                train_data_dir=config.train_data_dir,
-                train_shards_path_or_url=config.train_shards_path_or_url,
-                tfds_data_dir=config.tfds_data_dir,
-                image_column=config.image_column,
-                caption_column=config.caption_column,
-                max_train_samples=config.max_train_samples,
-            ),
-            TransformSpec(
-                resolution=config.resolution,
-                center_crop=config.center_crop,
-                random_flip=config.random_flip,
-                image_interpolation_mode=config.image_interpolation_mode,
-                proportion_empty_prompts=config.proportion_empty_prompts,
-            ),
-            LoaderSpec(
-                global_batch_size=self.batch_size * self.accum,
-                seed=config.seed,
-                dataloader_num_workers=config.dataloader_num_workers,
-            ),
-            self.task.tokenizers,
+            source, transform, loader, self.task.tokenizers, latent_cache=self._latent_cache(source, transform)
         )
         self.max_steps = self._max_train_steps()
 
@@ -195,6 +183,28 @@ class Trainer:
             lambda params, frozen, ids, rng: self.task.sample(self._models(params, frozen), ids, rng)
         )
 
+    def _latent_cache(self, source: SourceSpec, transform: TransformSpec) -> LatentCache | None:
+        """With --cache_latents, the cache of VAE latents and text states (encoded now unless already on disk)."""
+        cfg = self.config
+        if not cfg.cache_latents:
+            return None
+        if cfg.train_text_encoder:
+            raise cli.ConfigError(
+                "--cache_latents caches the text encoder's outputs, which --train_text_encoder changes; use one"
+            )
+        folder = Path(cfg.latent_cache_dir) if cfg.latent_cache_dir else self.out / LATENT_CACHE_DIR
+        log.info("latent cache in %s (encoding the dataset once if it is not there yet)", folder)
+        return build_latent_cache(
+            source,
+            transform,
+            self.task.tokenizers,
+            self.task.encode_images,
+            self.task.encode_text,
+            model_fingerprint=self.task.cache_fingerprint(),
+            latent_cache_dir=folder,
+            batch_size=self.batch_size,
+        )
+
     def _max_train_steps(self) -> int:
         if self.config.max_train_steps:
             return self.config.max_train_steps
@@ -216,7 +226,10 @@ class Trainer:
     def _train_step(self, state: dict, frozen: dict, batch: dict) -> tuple[dict, dict]:
         cfg = self.config
         step = state["step"]
-        randoms = self.task.draw(jax.random.fold_in(state["rng"], step), self.batch_size * self.accum)
+        batch = dict(batch)
+        randoms = batch.pop(HOST_RANDOMS, None)
+        if randoms is None:
+            randoms = self.task.draw(jax.random.fold_in(state["rng"], step), self.batch_size * self.accum)
 
         def loss_and_grad(params: dict, micro: tuple[dict, dict]) -> tuple[jax.Array, dict]:
             micro_batch, micro_randoms = micro
@@ -240,11 +253,21 @@ class Trainer:
         metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "lr": self.schedule(step)}
         return new, metrics
 
-    def global_batch(self, host_batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-        return {
-            k: jax.make_array_from_process_local_data(self.batch_sharding, np.asarray(v))
-            for k, v in host_batch.items()
-        }
+    def host_batch(self, step: int) -> dict[str, Any]:
+        """This host's next batch; with ``--random_source host``, also the step's randoms (its rows of them)."""
+        batch: dict[str, Any] = next(self.data)
+        if self.config.random_source == "host":
+            rows = len(next(iter(batch.values())))
+            draws = self.task.draw_host(step, self.batch_size * self.accum)
+            lo = jax.process_index() * rows
+            batch[HOST_RANDOMS] = {k: v[lo : lo + rows] for k, v in draws.items()}
+        return batch
+
+    def global_batch(self, host_batch: dict[str, Any]) -> dict[str, Any]:
+        """The global batch array(s) from each host's rows, sharded over the mesh's batch axes."""
+        return jax.tree.map(
+            lambda v: jax.make_array_from_process_local_data(self.batch_sharding, np.asarray(v)), host_batch
+        )
 
     # ---- validation and export ---------------------------------------------------------------------------
 
@@ -276,7 +299,7 @@ class Trainer:
                 self.out,
                 self.config.hub_model_id,
                 token=self.config.hub_token,
-                ignore=("checkpoints", self.config.logging_dir),
+                ignore=("checkpoints", LATENT_CACHE_DIR, self.config.logging_dir),
             )
 
     # ---- the loop ----------------------------------------------------------------------------------------
@@ -330,7 +353,7 @@ class Trainer:
             step = start
             while step < self.max_steps:
                 epoch = self.data.epoch
-                batch = self.global_batch(next(self.data))
+                batch = self.global_batch(self.host_batch(step))
                 if step_fn is None:
                     step_fn = self.compile_step(batch)
                 self.state, metrics = step_fn(self.state, self.frozen, batch)
@@ -371,11 +394,7 @@ class Trainer:
         skipped = {f"skipped_{k}": v for k, v in self.data.skipped.items()}
         for (step, _), values in zip(pending, fetched, strict=True):
             row = {k: float(v) for k, v in values.items()}
-            if not math.isfinite(row["loss"]):
-                raise NonFiniteLossError(
-                    f"loss is {row['loss']} at step {step}; training stopped, the last good checkpoint in "
-                    f"{self.out / 'checkpoints'} is kept"
-                )
+            check_finite_loss(row["loss"], step, self.out / "checkpoints")
             logger.log({**row, "step_time_s": step_time, "samples_per_s": samples_per_s, **skipped}, step)
         progress.update(len(pending), loss=row["loss"], lr=row["lr"], samples_per_s=samples_per_s)
         return now

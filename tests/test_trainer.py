@@ -242,3 +242,71 @@ def test_export_cli_from_any_checkpoint(tmp_path, tiny_sd_path, shapes_dataset):
     final, ema, raw = unet_weights(out), unet_weights(tmp_path / "ema"), unet_weights(tmp_path / "raw")
     assert all(np.array_equal(final[k], ema[k]) for k in final)  # the run exported EMA weights too
     assert any(not np.array_equal(ema[k], raw[k]) for k in final)
+
+
+def test_latent_cache_trains_like_encoding_on_the_fly(tmp_path, tiny_sd_path, shapes_dataset):
+    flags = ("--max_train_steps", "3", "--adam_epsilon", "1e-3")
+    on_the_fly = train(tmp_path, "pixels", tiny_sd_path, shapes_dataset, *flags)
+    cache_dir = tmp_path / "cache"
+    cached = train(
+        tmp_path,
+        "cached",
+        tiny_sd_path,
+        shapes_dataset,
+        *flags,
+        "--cache_latents",
+        "--latent_cache_dir",
+        str(cache_dir),
+    )
+    np.testing.assert_allclose(
+        [r["loss"] for r in metrics(cached)], [r["loss"] for r in metrics(on_the_fly)], rtol=1e-5
+    )
+    a, b = unet_weights(cached), unet_weights(on_the_fly)
+    for k in a:
+        np.testing.assert_allclose(a[k], b[k], atol=1e-5, err_msg=k)
+    (entry,) = cache_dir.iterdir()  # a second run with the same model, data and transform reuses the cache
+    stamp = (entry / "meta.json").stat().st_mtime_ns
+    train(
+        tmp_path,
+        "again",
+        tiny_sd_path,
+        shapes_dataset,
+        *flags,
+        "--cache_latents",
+        "--latent_cache_dir",
+        str(cache_dir),
+    )
+    assert [p.name for p in cache_dir.iterdir()] == [entry.name]
+    assert (entry / "meta.json").stat().st_mtime_ns == stamp
+
+
+def test_host_random_source_feeds_the_step(tmp_path, tiny_sd_path, shapes_dataset):
+    from jaxdiff import cli
+    from jaxdiff.trainer import HOST_RANDOMS, Trainer
+
+    config = cli.resolve(
+        cli.validate(
+            {
+                "pretrained_model_name_or_path": str(tiny_sd_path),
+                "train_data_dir": str(shapes_dataset),
+                "output_dir": str(tmp_path / "host"),
+                "resolution": 32,
+                "center_crop": True,
+                "train_batch_size": 1,
+                "noise_offset": 0.1,
+                "random_source": "host",
+                "max_train_steps": 1,
+                "report_to": "none",
+                "seed": 0,
+            }
+        )
+    )
+    trainer = Trainer(config)
+    host_batch = trainer.host_batch(0)
+    draws = trainer.task.draw_host(0, trainer.batch_size)
+    assert all(np.array_equal(host_batch[HOST_RANDOMS][k], draws[k]) for k in draws)
+    batch = trainer.global_batch(host_batch)
+    data = {k: v for k, v in batch.items() if k != HOST_RANDOMS}
+    expected = trainer.task.loss(trainer._models(trainer.state["params"], trainer.frozen), data, draws)
+    _, step_metrics = trainer.compile_step(batch)(trainer.state, trainer.frozen, batch)
+    np.testing.assert_allclose(float(step_metrics["loss"]), float(expected), rtol=1e-5)

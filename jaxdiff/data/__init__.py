@@ -3,6 +3,7 @@ latent cache, per-host sharding and resumable order. Batches are dicts of numpy 
 
 from jaxdiff.data.errors import DataConfigError, NoUsableDataError
 from jaxdiff.data.fingerprint import fingerprint_files
+from jaxdiff.data.from_config import specs_from_config
 from jaxdiff.data.latent_cache import LatentCache, build_latent_cache
 from jaxdiff.data.pipeline import DataIterator, LoaderSpec, make_train_iterator
 from jaxdiff.data.sources import SourceSpec, open_source
@@ -21,4 +22,5 @@ __all__ = [
     "fingerprint_files",
     "make_train_iterator",
     "open_source",
+    "specs_from_config",
 ]

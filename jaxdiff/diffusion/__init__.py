@@ -36,6 +36,7 @@ from jaxdiff.diffusion.schedule import (
     training_target,
 )
 from jaxdiff.diffusion.training import (
+    host_draws,
     min_snr_loss_weights,
     offset_noise,
     per_sample_loss,
@@ -64,6 +65,7 @@ __all__ = [
     "get_predicted_original_sample",
     "get_velocity",
     "guidance_scale_embedding",
+    "host_draws",
     "lcm_origin_timesteps",
     "lcm_sample",
     "lcm_step",

@@ -115,3 +115,40 @@ def min_snr_loss_weights(snr: jax.Array, snr_gamma: float, prediction_type: Pred
     if prediction_type == "v_prediction":
         return clipped / (snr + 1.0)
     return clipped
+
+
+def host_draws(
+    seed: int,
+    step: int,
+    batch_size: int,
+    latent_shape: tuple[int, ...],
+    num_train_timesteps: int,
+    timestep_weights: np.ndarray | None = None,
+    noise_offset: float = 0.0,
+    input_perturbation: float = 0.0,
+) -> dict[str, np.ndarray]:
+    """The random numbers of one optimizer step, drawn on the host with NumPy from (seed, step) alone.
+
+    The same draws as a task's on-device `draw` (same keys, same distributions, same noise offset and
+    perturbation semantics), but reproducible by any framework: `--random_source host` feeds them to both
+    backends, so the JAX and torch trainers see identical inputs. Keys: `noise` (the target's noise),
+    `noise_in` (passed to add_noise), `timesteps` (int32), `latent_eps` (the VAE posterior sample's noise).
+    """
+    rng = np.random.default_rng([seed, step])
+    shape = (batch_size, *latent_shape)
+    noise = rng.standard_normal(shape, np.float32)
+    if noise_offset:
+        noise = noise + np.float32(noise_offset) * rng.standard_normal(shape[:2] + (1,) * len(shape[2:]), np.float32)
+    noise_in = noise
+    if input_perturbation:
+        noise_in = noise + np.float32(input_perturbation) * rng.standard_normal(shape, np.float32)
+    if timestep_weights is None:
+        timesteps = rng.integers(0, num_train_timesteps, batch_size)
+    else:
+        timesteps = rng.choice(num_train_timesteps, batch_size, p=np.asarray(timestep_weights, np.float64))
+    return {
+        "noise": noise,
+        "noise_in": noise_in,
+        "timesteps": timesteps.astype(np.int32),
+        "latent_eps": rng.standard_normal(shape, np.float32),
+    }

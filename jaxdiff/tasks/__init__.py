@@ -1,0 +1,5 @@
+"""Training tasks of the JAX backend, by the name `--task` uses."""
+
+from jaxdiff.tasks.text_to_image import TextToImage
+
+TASKS = {"text_to_image": TextToImage}

@@ -15,6 +15,8 @@ from transformers import CLIPTokenizer
 
 from jaxdiff import diffusion
 from jaxdiff.config import TrainConfig
+from jaxdiff.data import fingerprint_files
+from jaxdiff.data.fingerprint import hash_json
 from jaxdiff.models.autoencoder_kl import AutoencoderKL
 from jaxdiff.models.clip import CLIPTextModel
 from jaxdiff.models.unet_2d_condition import UNet2DConditionModel
@@ -52,6 +54,7 @@ class TextToImage:
             else (root, "vae")
         )
         vae_folder = resolve_folder(vae_path, vae_sub, weights_name=AutoencoderKL.weights_name)
+        self.frozen_folders = [Path(vae_folder)] + ([] if config.train_text_encoder else [root / "text_encoder"])
         # diffusers keeps a VAE marked force_upcast (SDXL's) in float32 whatever the training precision.
         self.vae_dtype = jnp.float32 if read_config(vae_folder).get("force_upcast", True) else compute
         self.vae = AutoencoderKL.from_pretrained(
@@ -120,6 +123,34 @@ class TextToImage:
             "latent_eps": jax.random.normal(keys[4], shape),
         }
 
+    def draw_host(self, step: int, batch_size: int) -> dict[str, np.ndarray]:
+        """`draw`'s numbers drawn with NumPy from (seed, step) (`--random_source host`), as the torch backend does."""
+        cfg = self.config
+        return diffusion.host_draws(
+            cfg.seed,
+            step,
+            batch_size,
+            self.latent_shape,
+            self.schedule.num_train_timesteps,
+            self.timestep_weights,
+            cfg.noise_offset,
+            cfg.input_perturbation,
+        )
+
+    def encode_images(self, pixel_values: np.ndarray) -> tuple[jax.Array, jax.Array]:
+        """(mean, logvar) of the frozen VAE's latent distribution, for the latent cache."""
+        return _encode_images(self.vae, jnp.asarray(pixel_values, self.vae_dtype))
+
+    def encode_text(self, ids: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        """The frozen text encoder's hidden states, for the latent cache (batch key `encoder_hidden_states`)."""
+        return {"encoder_hidden_states": _encode_text(self.text_encoder, jnp.asarray(ids["input_ids"]))}
+
+    def cache_fingerprint(self) -> str:
+        """Identifies what the cache's encoders compute: their weight files and dtypes."""
+        return hash_json(
+            [[fingerprint_files(f) for f in self.frozen_folders], str(self.vae_dtype), self.config.mixed_precision]
+        )
+
     def latents(self, vae: AutoencoderKL, batch: Batch, latent_eps: jax.Array) -> jax.Array:
         """Scaled latents drawn from the posterior (cached, or encoded now by the frozen VAE)."""
         if "latent_mean" in batch:
@@ -134,7 +165,10 @@ class TextToImage:
         """Mean (Min-SNR weighted) denoising loss of one micro-batch."""
         cfg = self.config
         latents = self.latents(models["vae"], batch, randoms["latent_eps"])
-        text_states = models["text_encoder"](batch["input_ids"]).last_hidden_state
+        if "encoder_hidden_states" in batch:  # from the latent cache
+            text_states = batch["encoder_hidden_states"]
+        else:
+            text_states = models["text_encoder"](batch["input_ids"]).last_hidden_state
         t = randoms["timesteps"]
         noisy = diffusion.add_noise(self.schedule, latents, randoms["noise_in"], t)
         target = diffusion.training_target(self.schedule, latents, randoms["noise"], t)
@@ -171,3 +205,14 @@ class TextToImage:
         vae = models["vae"]
         images = vae.decode((latents / vae.config.scaling_factor).astype(self.vae_dtype)).sample
         return jnp.clip(jnp.transpose(images.astype(jnp.float32), (0, 2, 3, 1)) / 2 + 0.5, 0.0, 1.0)
+
+
+@nnx.jit
+def _encode_images(vae: AutoencoderKL, pixels: jax.Array) -> tuple[jax.Array, jax.Array]:
+    dist = vae.encode(pixels).latent_dist
+    return dist.mean, dist.logvar
+
+
+@nnx.jit
+def _encode_text(text_encoder: CLIPTextModel, input_ids: jax.Array) -> jax.Array:
+    return text_encoder(input_ids).last_hidden_state

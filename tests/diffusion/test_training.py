@@ -10,6 +10,7 @@ from diffusers.training_utils import compute_snr as diffusers_compute_snr
 from jaxdiff.diffusion import (
     NoiseSchedule,
     compute_snr,
+    host_draws,
     min_snr_loss_weights,
     offset_noise,
     per_sample_loss,
@@ -147,3 +148,22 @@ def test_perturb_noise():
     perturbed = perturb_noise(key, noise, 0.1)
     np.testing.assert_allclose(perturbed, noise + 0.1 * jax.random.normal(key, noise.shape), atol=1e-7)
     assert float(jnp.abs(perturbed - noise).max()) > 0
+
+
+def test_host_draws_depend_on_seed_and_step_only():
+    weights = timestep_bias_weights(1000, "range", 4.0, begin=200, end=300)
+    kwargs = {"timestep_weights": weights, "noise_offset": 0.1, "input_perturbation": 0.2}
+    a = host_draws(3, 7, 64, (4, 8, 8), 1000, **kwargs)
+    b = host_draws(3, 7, 64, (4, 8, 8), 1000, **kwargs)
+    c = host_draws(3, 8, 64, (4, 8, 8), 1000, **kwargs)
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    assert not np.array_equal(a["noise"], c["noise"])
+    assert a["noise"].shape == a["noise_in"].shape == a["latent_eps"].shape == (64, 4, 8, 8)
+    assert a["noise"].dtype == np.float32 and a["timesteps"].dtype == np.int32
+    # The perturbation moves only the noise passed to add_noise, by about 0.2 per element.
+    np.testing.assert_allclose(np.std(a["noise_in"] - a["noise"]), 0.2, rtol=0.05)
+    # The range bias (x4 on 10% of timesteps) draws 4 / (4 * 0.1 + 0.9) ~ 31% of samples there.
+    inside = np.mean((a["timesteps"] >= 200) & (a["timesteps"] < 300))
+    assert 0.1 < inside < 0.6 and a["timesteps"].min() >= 0 and a["timesteps"].max() < 1000
+    plain = host_draws(3, 7, 2, (4, 8, 8), 1000)
+    assert np.array_equal(plain["noise"], plain["noise_in"])
