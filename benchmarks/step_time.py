@@ -7,10 +7,13 @@ UNet, a small 4-level VAE, a small CLIP text encoder) and an imagefolder of gene
 times one optimizer step of text-to-image fine-tuning on that pipeline:
 
 * jaxdiff: the Trainer's AOT-compiled step (VAE encode, CLIP, noise, UNet, MSE, AdamW with grad clipping);
-* torch: the step of diffusers' train_text_to_image.py on the same pipeline folder and the same batch.
+* torch: the step of diffusers' train_text_to_image.py on the same pipeline folder and the same batch;
+* torch_backend: jaxdiff's torch backend (``--backend torch``): its Trainer's real step (the text_to_image task's
+  draws and loss, accumulation loop, clipping, AdamW, LR schedule) on the same pipeline folder and batch.
 
-Warmup steps run first for each; the timed steps alternate jaxdiff / torch so that load from other processes
-on the machine falls on both alike. Prints the median ms/step and the ratio jaxdiff / torch (CPU target <= 1.25).
+Warmup steps run first for each; the timed steps alternate jaxdiff / torch / torch_backend so that load from other
+processes on the machine falls on all alike. Prints the median ms/step, the ratio jaxdiff / torch (CPU target
+<= 1.25) and the ratio torch_backend / torch (the backend's overhead over diffusers' reference loop).
 
 With a GPU visible to both JAX and torch (``--device-kind auto``), the UNet is SD 1.5's at 512 px (64x64
 latents) in bf16, and the UNet model-FLOPs utilization is printed too (2.35 TFLOP per 512 px image per step).
@@ -171,6 +174,30 @@ def torch_step(model: Path, host_batch: dict, config, gpu: bool):
     return step, sum(p.numel() for p in unet.parameters())
 
 
+# ---- jaxdiff's torch backend -------------------------------------------------------------------------------
+
+
+def torch_backend_step(host_batch: dict, config, out: Path):
+    """One optimizer step of torch_backend's Trainer (the loop's own train_step) on the same pipeline and batch."""
+    import torch
+
+    from jaxdiff import cli
+    from torch_backend.trainer import Trainer, to_tensors
+
+    values = {**config.model_dump(mode="json"), "backend": "torch", "output_dir": str(out)}
+    trainer = Trainer(cli.validate(values))
+    device = trainer.accelerator.device
+    batch = to_tensors({k: np.asarray(v) for k, v in host_batch.items()}, device)
+    rows = len(next(iter(batch.values())))
+    generator = torch.Generator(device).manual_seed(0)
+
+    def step() -> float:
+        metrics = trainer.train_step(batch, trainer.task.draw(generator, rows))
+        return metrics["loss"].item()  # one sync per step, as the reference
+
+    return step
+
+
 # ---- the benchmark ----------------------------------------------------------------------------------------
 
 
@@ -232,21 +259,28 @@ def main() -> None:
 
         jax_fn, host_batch, config = jaxdiff_step(model, data, root / "out", args, gpu)
         torch_fn, params = torch_step(model, host_batch, config, gpu)
+        backend_fn = torch_backend_step(host_batch, config, root / "out_torch")
         print(f"UNet parameters: {params:,}")
-        print(f"warmup: {args.warmup} steps each; timing {args.steps} steps each, alternating jaxdiff / torch")
+        print(
+            f"warmup: {args.warmup} steps each; timing {args.steps} steps each, alternating jaxdiff / torch / "
+            "torch_backend"
+        )
         for _ in range(args.warmup):
             jax_fn()
             torch_fn()
-        jax_times, torch_times = [], []
+            backend_fn()
+        jax_times, torch_times, backend_times = [], [], []
         for _ in range(args.steps):
             jax_times.append(timed(jax_fn))
             torch_times.append(timed(torch_fn))
+            backend_times.append(timed(backend_fn))
 
     def spread(times: list[float]) -> str:
         return f"{1000 * statistics.median(times):.1f}  [min {1000 * min(times):.1f}, max {1000 * max(times):.1f}]"
 
     jax_ms = 1000 * statistics.median(jax_times)
     torch_ms = 1000 * statistics.median(torch_times)
+    backend_ms = 1000 * statistics.median(backend_times)
     ratio = jax_ms / torch_ms
     device = "GPU, bf16" if gpu else f"CPU ({os.cpu_count()} cores), float32"
     rows = [
@@ -255,11 +289,13 @@ def main() -> None:
         ("batch", f"{args.batch_size} x 3 x {args.resolution} x {args.resolution}"),
         ("jaxdiff ms/step (median)", spread(jax_times)),
         ("torch ms/step (median)", spread(torch_times)),
+        ("torch_backend ms/step (median)", spread(backend_times)),
         ("ratio jaxdiff / torch", f"{ratio:.3f}"),
+        ("ratio torch_backend / torch", f"{backend_ms / torch_ms:.3f}"),
     ]
     if gpu:
         flop = SD_TRAIN_TFLOP_PER_512PX_IMAGE * 1e12 * args.batch_size * (args.resolution / 512) ** 2
-        for name, ms in (("jaxdiff", jax_ms), ("torch", torch_ms)):
+        for name, ms in (("jaxdiff", jax_ms), ("torch", torch_ms), ("torch_backend", backend_ms)):
             mfu = flop / (ms / 1000) / (args.peak_tflops * 1e12)
             rows.append((f"{name} UNet MFU", f"{100 * mfu:.1f}% of {args.peak_tflops:g} TFLOP/s"))
     else:

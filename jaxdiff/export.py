@@ -301,13 +301,17 @@ def main(argv: list[str] | None = None) -> None:
         use_ema = config.use_ema if args.ema is None else args.ema
         if use_ema and not config.use_ema:
             raise ConfigError(f"--ema: the run at {run_dir} kept no EMA weights (use_ema was off)")
-        from jaxdiff.trainer import export_trained, restore_for_export
-
-        task, state = restore_for_export(config, checkpoint)
         output_dir = Path(args.output_dir or config.output_dir)
-        export_trained(
-            task, state["ema_params" if use_ema else "params"], output_dir, args.export_dtype or config.export_dtype
-        )
+        dtype = args.export_dtype or config.export_dtype
+        if config.backend == "torch":
+            from torch_backend.trainer import export_checkpoint
+
+            export_checkpoint(config, checkpoint, output_dir, use_ema=use_ema, dtype=dtype)
+        else:
+            from jaxdiff.trainer import export_trained, restore_for_export
+
+            task, state = restore_for_export(config, checkpoint)
+            export_trained(task, state["ema_params" if use_ema else "params"], output_dir, dtype)
         print(f"exported {checkpoint} ({'EMA' if use_ema else 'raw'} weights) to {output_dir}")
     except ConfigError as err:
         exit_with(err)

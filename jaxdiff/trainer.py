@@ -5,7 +5,6 @@ comes from the task plug-in; the train step is a pure function of (state, frozen
 """
 
 import logging
-import math
 import time
 from pathlib import Path
 from typing import Any
@@ -18,17 +17,10 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from PIL import Image
 
-from jaxdiff import cli, optim, parallel
+from jaxdiff import cli, optim, parallel, run
 from jaxdiff.checkpoint import Checkpointer, PreemptionGuard, resolve_resume
 from jaxdiff.config import TrainConfig
-from jaxdiff.data import (
-    LatentCache,
-    SourceSpec,
-    TransformSpec,
-    build_latent_cache,
-    make_train_iterator,
-    specs_from_config,
-)
+from jaxdiff.data import make_train_iterator, specs_from_config
 from jaxdiff.export import check_hub_access, export_pipeline, push_to_hub
 from jaxdiff.metrics import (
     MetricsLogger,
@@ -41,8 +33,6 @@ from jaxdiff.tasks import TASKS
 
 log = logging.getLogger("jaxdiff")
 
-EMA_DEFAULT_DECAY = 0.9999
-LATENT_CACHE_DIR = "latent_cache"  # default folder under output_dir
 HOST_RANDOMS = "randoms"  # batch key of host-drawn randoms (--random_source host)
 
 
@@ -116,25 +106,13 @@ def train_state_shardings(tx: optax.GradientTransformation, params: Any, mesh: M
     return shardings
 
 
-def check_output_dir(config: TrainConfig) -> None:
-    """Never clobber a previous run: a non-empty output_dir needs resuming or --overwrite_output_dir."""
-    out = Path(config.output_dir)
-    if out.exists() and not out.is_dir():
-        raise cli.ConfigError(f"--output_dir={config.output_dir!r} exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not (config.resume_from_checkpoint or config.overwrite_output_dir):
-        raise cli.ConfigError(
-            f"--output_dir={config.output_dir!r} is not empty; pass --resume_from_checkpoint latest to continue "
-            "that run, --overwrite_output_dir to write into it anyway, or choose another folder"
-        )
-
-
 class Trainer:
     """Builds everything a run needs from the config; `train()` runs it."""
 
     def __init__(self, config: TrainConfig) -> None:
         self.config = config
         parallel.maybe_initialize_distributed()
-        check_output_dir(config)
+        run.check_output_dir(config)
         check_hub_access(config.push_to_hub, config.hub_model_id)
         self.out = Path(config.output_dir)
 
@@ -150,10 +128,9 @@ class Trainer:
 
         # Input: each optimizer step consumes `accum` micro-batches, delivered as one batch.
         source, transform, loader = specs_from_config(config, self.batch_size * self.accum)
-        self.data = make_train_iterator(
-            source, transform, loader, self.task.tokenizers, latent_cache=self._latent_cache(source, transform)
-        )
-        self.max_steps = self._max_train_steps()
+        cache = run.open_latent_cache(config, self.task, source, transform, self.batch_size)
+        self.data = make_train_iterator(source, transform, loader, self.task.tokenizers, latent_cache=cache)
+        self.max_steps = run.max_train_steps(config, self.data.samples_per_epoch, self.batch_size * self.accum)
 
         # Optimizer and schedule.
         self.schedule, self.tx = make_optimizer(
@@ -183,39 +160,6 @@ class Trainer:
             lambda params, frozen, ids, rng: self.task.sample(self._models(params, frozen), ids, rng)
         )
 
-    def _latent_cache(self, source: SourceSpec, transform: TransformSpec) -> LatentCache | None:
-        """With --cache_latents, the cache of VAE latents and text states (encoded now unless already on disk)."""
-        cfg = self.config
-        if not cfg.cache_latents:
-            return None
-        if cfg.train_text_encoder:
-            raise cli.ConfigError(
-                "--cache_latents caches the text encoder's outputs, which --train_text_encoder changes; use one"
-            )
-        folder = Path(cfg.latent_cache_dir) if cfg.latent_cache_dir else self.out / LATENT_CACHE_DIR
-        log.info("latent cache in %s (encoding the dataset once if it is not there yet)", folder)
-        return build_latent_cache(
-            source,
-            transform,
-            self.task.tokenizers,
-            self.task.encode_images,
-            self.task.encode_text,
-            model_fingerprint=self.task.cache_fingerprint(),
-            latent_cache_dir=folder,
-            batch_size=self.batch_size,
-        )
-
-    def _max_train_steps(self) -> int:
-        if self.config.max_train_steps:
-            return self.config.max_train_steps
-        per_epoch = self.data.samples_per_epoch
-        if per_epoch is None:
-            raise cli.ConfigError(
-                "--max_train_steps is needed with a streamed source (--train_shards_path_or_url): "
-                "its epoch length is unknown"
-            )
-        return self.config.num_train_epochs * math.ceil(per_epoch / (self.batch_size * self.accum))
-
     # ---- the compiled step -------------------------------------------------------------------------------
 
     def _models(self, params: dict, frozen: dict) -> dict[str, nnx.Module]:
@@ -244,7 +188,7 @@ class Trainer:
         if cfg.use_ema:
             decay = optim.ema_decay(
                 step + 1,
-                max_decay=cfg.ema_decay or EMA_DEFAULT_DECAY,
+                max_decay=cfg.ema_decay or run.EMA_DEFAULT_DECAY,
                 use_warmup=cfg.ema_use_warmup,
                 inv_gamma=cfg.ema_inv_gamma,
                 power=cfg.ema_power,
@@ -257,10 +201,8 @@ class Trainer:
         """This host's next batch; with ``--random_source host``, also the step's randoms (its rows of them)."""
         batch: dict[str, Any] = next(self.data)
         if self.config.random_source == "host":
-            rows = len(next(iter(batch.values())))
             draws = self.task.draw_host(step, self.batch_size * self.accum)
-            lo = jax.process_index() * rows
-            batch[HOST_RANDOMS] = {k: v[lo : lo + rows] for k, v in draws.items()}
+            batch[HOST_RANDOMS] = run.process_rows(draws, jax.process_index(), jax.process_count())
         return batch
 
     def global_batch(self, host_batch: dict[str, Any]) -> dict[str, Any]:
@@ -299,18 +241,10 @@ class Trainer:
                 self.out,
                 self.config.hub_model_id,
                 token=self.config.hub_token,
-                ignore=("checkpoints", LATENT_CACHE_DIR, self.config.logging_dir),
+                ignore=run.hub_ignore(self.config),
             )
 
     # ---- the loop ----------------------------------------------------------------------------------------
-
-    def _should_validate(self, step: int, epoch_ended: bool) -> bool:
-        cfg = self.config
-        if cfg.validation_steps:
-            return step % cfg.validation_steps == 0
-        if cfg.validation_epochs and epoch_ended:
-            return self.data.epoch % cfg.validation_epochs == 0
-        return False
 
     def train(self) -> None:
         """Run to max_train_steps (or until preempted), checkpointing, logging and validating on the way."""
@@ -364,7 +298,7 @@ class Trainer:
                     tick = self._flush_metrics(pending, tick, metrics_logger, progress)
                     pending = []
                 checkpointer.save(step, self.state, self.data.get_state())
-                if self._should_validate(step, self.data.epoch != epoch):
+                if run.should_validate(cfg, step, self.data.epoch, self.data.epoch != epoch):
                     self.validate(step, metrics_logger)
                 if preemption.should_stop(step):
                     if pending:

@@ -1,0 +1,89 @@
+"""The run-level rules both trainers follow (JAX and torch alike); framework-free.
+
+Where output goes and what it may overwrite, how long a run is, when it validates, where the latent cache
+lives, which host-drawn randoms belong to which process, and what is kept off the Hub.
+"""
+
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from jaxdiff.cli import ConfigError
+from jaxdiff.config import TrainConfig
+from jaxdiff.data import LatentCache, SourceSpec, TransformSpec, build_latent_cache
+
+log = logging.getLogger("jaxdiff")
+
+EMA_DEFAULT_DECAY = 0.9999
+LATENT_CACHE_DIR = "latent_cache"  # default folder under output_dir
+
+
+def check_output_dir(config: TrainConfig) -> None:
+    """Never clobber a previous run: a non-empty output_dir needs resuming or --overwrite_output_dir."""
+    out = Path(config.output_dir)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--output_dir={config.output_dir!r} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not (config.resume_from_checkpoint or config.overwrite_output_dir):
+        raise ConfigError(
+            f"--output_dir={config.output_dir!r} is not empty; pass --resume_from_checkpoint latest to continue "
+            "that run, --overwrite_output_dir to write into it anyway, or choose another folder"
+        )
+
+
+def max_train_steps(config: TrainConfig, samples_per_epoch: int | None, step_batch_size: int) -> int:
+    """Optimizer steps of the run: --max_train_steps, else epochs x ceil(epoch / samples per step)."""
+    if config.max_train_steps:
+        return config.max_train_steps
+    if samples_per_epoch is None:
+        raise ConfigError(
+            "--max_train_steps is needed with a streamed source (--train_shards_path_or_url): "
+            "its epoch length is unknown"
+        )
+    return config.num_train_epochs * math.ceil(samples_per_epoch / step_batch_size)
+
+
+def should_validate(config: TrainConfig, step: int, epoch: int, epoch_ended: bool) -> bool:
+    """Whether to sample the validation prompts after ``step`` (``epoch``: the data's epoch now)."""
+    if config.validation_steps:
+        return step % config.validation_steps == 0
+    if config.validation_epochs and epoch_ended:
+        return epoch % config.validation_epochs == 0
+    return False
+
+
+def open_latent_cache(
+    config: TrainConfig, task: Any, source: SourceSpec, transform: TransformSpec, batch_size: int
+) -> LatentCache | None:
+    """With --cache_latents, the task's cache of VAE latents and text states (encoded now unless on disk)."""
+    if not config.cache_latents:
+        return None
+    if config.train_text_encoder:
+        raise ConfigError(
+            "--cache_latents caches the text encoder's outputs, which --train_text_encoder changes; use one"
+        )
+    folder = Path(config.latent_cache_dir) if config.latent_cache_dir else Path(config.output_dir) / LATENT_CACHE_DIR
+    log.info("latent cache in %s (encoding the dataset once if it is not there yet)", folder)
+    return build_latent_cache(
+        source,
+        transform,
+        task.tokenizers,
+        task.encode_images,
+        task.encode_text,
+        model_fingerprint=task.cache_fingerprint(),
+        latent_cache_dir=folder,
+        batch_size=batch_size,
+    )
+
+
+def process_rows(draws: dict[str, np.ndarray], process_index: int, process_count: int) -> dict[str, np.ndarray]:
+    """This process's rows of a step's host draws: the data pipeline deals samples to processes round-robin,
+    so row r of the global draws goes with the sample at global position r whatever the process count."""
+    return {k: v[process_index::process_count] for k, v in draws.items()}
+
+
+def hub_ignore(config: TrainConfig) -> tuple[str, ...]:
+    """Folders of output_dir that stay off the Hub."""
+    return ("checkpoints", LATENT_CACHE_DIR, config.logging_dir)

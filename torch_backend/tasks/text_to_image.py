@@ -1,0 +1,239 @@
+"""Text-to-image fine-tuning of SD 1.x/2.x on torch: jaxdiff.tasks.text_to_image's objective with diffusers' models.
+
+As in the JAX task, the task owns which models load and which train, the per-sample random draws, the loss and the
+validation sampler; the trainer owns everything else.
+"""
+
+from typing import Any
+
+import numpy as np
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from transformers import CLIPTextModel, CLIPTokenizer
+
+from jaxdiff import diffusion
+from jaxdiff.config import TrainConfig
+from jaxdiff.data import fingerprint_files
+from jaxdiff.data.fingerprint import hash_json
+from jaxdiff.weights import ModelFilesNotFoundError, resolve_folder
+from torch_backend.diffusion import snr_weighted_loss, training_target
+
+#: Dtype of the frozen models (and of autocast) per --mixed_precision; trained weights stay float32.
+WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+VAE_WEIGHTS = "diffusion_pytorch_model.safetensors"
+TEXT_ENCODER_WEIGHTS = "model.safetensors"
+
+Batch = dict[str, torch.Tensor]
+Models = dict[str, torch.nn.Module]
+
+
+def load_pretrained(cls: Any, path: str, *, allow_pickle: bool = True, **kwargs: Any) -> Any:
+    """``cls.from_pretrained(path, **kwargs)``, with a missing folder, config or weights file as one clear error."""
+    try:
+        return cls.from_pretrained(path, **kwargs)
+    except OSError as err:  # what diffusers and transformers raise for missing files and unreachable hubs
+        where = f"{path}/{kwargs['subfolder']}" if kwargs.get("subfolder") else path
+        hint = "" if allow_pickle else " (pickled .bin weights are only read with --allow_pickled_weights)"
+        raise ModelFilesNotFoundError(f"cannot load {cls.__name__} from {where!r}{hint}: {err}") from None
+
+
+class TextToImage:
+    """UNet (and optionally the text encoder) trained on (image, caption) pairs; VAE frozen."""
+
+    name = "text_to_image"
+
+    def __init__(self, config: TrainConfig, device: torch.device) -> None:
+        self.config = config
+        self.device = device
+        self.model_path = config.pretrained_model_name_or_path
+        weight_dtype = WEIGHT_DTYPES[config.mixed_precision]
+        hub = {"revision": config.revision, "cache_dir": config.cache_dir}
+        weights = {
+            **hub,
+            "variant": config.variant,
+            "use_safetensors": None if config.allow_pickled_weights else True,
+            "allow_pickle": config.allow_pickled_weights,
+        }
+        root = self.model_path
+        self.tokenizer = load_pretrained(CLIPTokenizer, root, subfolder="tokenizer", **hub)
+        self.scheduler = load_pretrained(DDPMScheduler, root, subfolder="scheduler", **hub)
+        if config.prediction_type:
+            self.scheduler.register_to_config(prediction_type=config.prediction_type)
+        self.unet = load_pretrained(UNet2DConditionModel, root, subfolder="unet", **weights)
+        self.text_encoder = load_pretrained(CLIPTextModel, root, subfolder="text_encoder", **weights)
+        vae_path = config.pretrained_vae_model_name_or_path
+        self.vae = load_pretrained(AutoencoderKL, vae_path or root, subfolder=None if vae_path else "vae", **weights)
+
+        # Trained weights in float32; frozen ones in the compute dtype, except a VAE marked force_upcast (as in
+        # the JAX task, which keeps such a VAE, e.g. SDXL's, in float32 whatever the training precision).
+        self.vae_dtype = torch.float32 if getattr(self.vae.config, "force_upcast", True) else weight_dtype
+        self.vae.requires_grad_(False).to(device)
+        if self.vae_dtype != torch.float32:
+            self.vae.to(dtype=self.vae_dtype)
+        self.unet.to(device).train()
+        self.text_encoder.to(device)
+        if config.train_text_encoder:
+            self.text_encoder.train()
+        else:
+            self.text_encoder.requires_grad_(False)
+            if weight_dtype != torch.float32:
+                self.text_encoder.to(dtype=weight_dtype)
+        if config.gradient_checkpointing:
+            self.unet.enable_gradient_checkpointing()
+            if config.train_text_encoder:
+                # activation_checkpointing_enable replaces the deprecated name in later transformers 5 releases.
+                enable = getattr(self.text_encoder, "activation_checkpointing_enable", None)
+                (enable or self.text_encoder.gradient_checkpointing_enable)()
+
+        self.timestep_weights = (
+            None
+            if config.timestep_bias_strategy == "none"
+            else diffusion.timestep_bias_weights(
+                self.scheduler.config.num_train_timesteps,
+                config.timestep_bias_strategy,
+                config.timestep_bias_multiplier,
+                config.timestep_bias_begin,
+                config.timestep_bias_end,
+                config.timestep_bias_portion,
+            )
+        )
+        vae_scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        latent_size = config.resolution // vae_scale
+        self.latent_shape = (self.unet.config.in_channels, latent_size, latent_size)
+
+    @property
+    def trainable(self) -> Models:
+        """Modules whose parameters are optimised (and exported)."""
+        models: Models = {"unet": self.unet}
+        if self.config.train_text_encoder:
+            models["text_encoder"] = self.text_encoder
+        return models
+
+    @property
+    def frozen(self) -> Models:
+        """Modules used but not trained."""
+        models: Models = {"vae": self.vae}
+        if not self.config.train_text_encoder:
+            models["text_encoder"] = self.text_encoder
+        return models
+
+    @property
+    def tokenizers(self) -> tuple[CLIPTokenizer, ...]:
+        return (self.tokenizer,)
+
+    def draw(self, generator: torch.Generator, batch_size: int) -> Batch:
+        """Every random number one optimizer step needs, per sample, for ``batch_size`` samples (the JAX task's
+        ``draw`` with torch's generator: same keys, distributions, noise offset and perturbation semantics)."""
+        cfg, device = self.config, self.device
+        shape = (batch_size, *self.latent_shape)
+        noise = torch.randn(shape, generator=generator, device=device)
+        if cfg.noise_offset:
+            noise = noise + cfg.noise_offset * torch.randn((*shape[:2], 1, 1), generator=generator, device=device)
+        noise_in = noise
+        if cfg.input_perturbation:
+            noise_in = noise + cfg.input_perturbation * torch.randn(shape, generator=generator, device=device)
+        num_timesteps = self.scheduler.config.num_train_timesteps
+        if self.timestep_weights is None:
+            timesteps = torch.randint(0, num_timesteps, (batch_size,), generator=generator, device=device)
+        else:
+            probs = torch.as_tensor(self.timestep_weights, dtype=torch.float32, device=device)
+            timesteps = torch.multinomial(probs, batch_size, replacement=True, generator=generator)
+        latent_eps = torch.randn(shape, generator=generator, device=device)
+        return {"noise": noise, "noise_in": noise_in, "timesteps": timesteps, "latent_eps": latent_eps}
+
+    def draw_host(self, step: int, batch_size: int) -> dict[str, np.ndarray]:
+        """`draw`'s numbers drawn with NumPy from (seed, step) (``--random_source host``), as the JAX task does."""
+        cfg = self.config
+        return diffusion.host_draws(
+            cfg.seed,
+            step,
+            batch_size,
+            self.latent_shape,
+            self.scheduler.config.num_train_timesteps,
+            self.timestep_weights,
+            cfg.noise_offset,
+            cfg.input_perturbation,
+        )
+
+    @torch.no_grad()
+    def encode_images(self, pixel_values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(mean, logvar) of the frozen VAE's latent distribution, for the latent cache."""
+        dist = self.vae.encode(torch.from_numpy(pixel_values).to(self.device, self.vae_dtype)).latent_dist
+        return dist.mean.float().cpu().numpy(), dist.logvar.float().cpu().numpy()
+
+    @torch.no_grad()
+    def encode_text(self, ids: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The frozen text encoder's hidden states, for the latent cache (batch key `encoder_hidden_states`)."""
+        input_ids = torch.from_numpy(ids["input_ids"]).to(self.device).long()
+        return {"encoder_hidden_states": self.text_encoder(input_ids, return_dict=False)[0].float().cpu().numpy()}
+
+    def cache_fingerprint(self) -> str:
+        """Identifies what the cache's encoders compute: their weight files, dtypes and this backend."""
+        cfg = self.config
+        vae_path = cfg.pretrained_vae_model_name_or_path
+        folders = [resolve_folder(vae_path or self.model_path, None if vae_path else "vae", weights_name=VAE_WEIGHTS)]
+        if not cfg.train_text_encoder:
+            folders.append(resolve_folder(self.model_path, "text_encoder", weights_name=TEXT_ENCODER_WEIGHTS))
+        dtypes = [str(self.vae_dtype), str(self.text_encoder.dtype)]
+        return hash_json(["torch", [fingerprint_files(f) for f in folders], dtypes, cfg.mixed_precision])
+
+    def latents(self, vae: AutoencoderKL, batch: Batch, latent_eps: torch.Tensor) -> torch.Tensor:
+        """Scaled float32 latents drawn from the posterior (cached, or encoded now by the frozen VAE):
+        (mean + std * eps) * scaling_factor."""
+        with torch.no_grad():
+            if "latent_mean" in batch:
+                mean, logvar = batch["latent_mean"], batch["latent_logvar"]
+            else:
+                dist = vae.encode(batch["pixel_values"].to(self.vae_dtype)).latent_dist
+                mean, logvar = dist.mean, dist.logvar
+            mean, std = mean.float(), torch.exp(0.5 * logvar.float())
+            return (mean + std * latent_eps) * vae.config.scaling_factor
+
+    def loss(self, models: Models, batch: Batch, randoms: Batch) -> torch.Tensor:
+        """Mean (Min-SNR weighted) denoising loss of one micro-batch."""
+        cfg = self.config
+        latents = self.latents(models["vae"], batch, randoms["latent_eps"])
+        if "encoder_hidden_states" in batch:  # from the latent cache
+            text_states = batch["encoder_hidden_states"]
+        else:
+            with torch.set_grad_enabled(cfg.train_text_encoder and torch.is_grad_enabled()):
+                text_states = models["text_encoder"](batch["input_ids"].long(), return_dict=False)[0]
+        timesteps = randoms["timesteps"].long()
+        noisy = self.scheduler.add_noise(latents, randoms["noise_in"], timesteps)
+        target = training_target(self.scheduler, latents, randoms["noise"], timesteps)
+        prediction = models["unet"](noisy, timesteps, text_states, return_dict=False)[0]
+        return snr_weighted_loss(
+            self.scheduler,
+            prediction,
+            target,
+            timesteps,
+            loss_type=cfg.loss_type,
+            huber_c=cfg.huber_c,
+            snr_gamma=cfg.snr_gamma,
+        )
+
+    def sample(self, models: Models, prompt: str, num_images: int, generator: torch.Generator) -> np.ndarray:
+        """Images (N, H, W, 3) in [0, 1] for one prompt: DDIM with classifier-free guidance, via diffusers'
+        StableDiffusionPipeline built from the in-memory (unwrapped) models."""
+        cfg = self.config
+        pipeline = StableDiffusionPipeline(
+            vae=models["vae"],
+            text_encoder=models["text_encoder"],
+            tokenizer=self.tokenizer,
+            unet=models["unet"],
+            scheduler=DDIMScheduler.from_config(self.scheduler.config),
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+        pipeline.set_progress_bar_config(disable=True)
+        return pipeline(
+            prompt,
+            height=cfg.resolution,
+            width=cfg.resolution,
+            num_images_per_prompt=num_images,
+            num_inference_steps=cfg.validation_num_inference_steps,
+            guidance_scale=cfg.validation_guidance_scale,
+            generator=generator,
+            output_type="np",
+        ).images

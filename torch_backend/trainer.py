@@ -1,0 +1,369 @@
+"""The torch backend's one training loop: jaxdiff.trainer's run with diffusers models and accelerate.
+
+Reads top to bottom like the JAX trainer and keeps its contract: the same data order (each optimizer step reads
+one batch of batch x processes x accumulation and splits it into micro-batches the same way), the same LR curves,
+EMA schedule and metrics, ``checkpoints/<step>/``, ``samples/``, ``metrics.jsonl`` and the final diffusers pipeline
+at ``output_dir``. Everything task-specific comes from the task plug-in (``torch_backend.tasks``).
+"""
+
+import contextlib
+import logging
+import math
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list, set_seed
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel
+from PIL import Image
+
+from jaxdiff import cli, run
+from jaxdiff.checkpoint import PreemptionGuard, resolve_resume
+from jaxdiff.config import TrainConfig
+from jaxdiff.data import make_train_iterator, specs_from_config
+from jaxdiff.export import check_hub_access, export_pipeline, push_to_hub
+from jaxdiff.metrics import MetricsLogger, ProgressBar, check_finite_loss, save_config, save_validation_images
+from jaxdiff.optim import scaled_learning_rate
+from torch_backend.checkpoint import TorchCheckpointer
+from torch_backend.tasks import TASKS
+
+log = logging.getLogger("jaxdiff")
+
+#: Seed stream of the validation images (the training draws use (seed, step, process)).
+VALIDATION_STREAM = 2**31 - 1
+
+
+def derived_seed(*values: int) -> int:
+    """A 64-bit torch seed from integers (seed, step, ...): independent streams without stored generator state."""
+    return int(np.random.SeedSequence(list(values)).generate_state(1, np.uint64)[0])
+
+
+def check_torch_features(config: TrainConfig) -> None:
+    """Refuses, before anything loads, the GPU features this machine cannot provide, with one clear message."""
+    if config.enable_xformers_memory_efficient_attention:
+        missing = []
+        try:
+            import xformers  # noqa: F401
+        except ImportError:
+            missing.append("the xformers package is not installed (pip install xformers)")
+        if not torch.cuda.is_available():
+            missing.append("no CUDA GPU is visible to torch")
+        if missing:
+            raise cli.ConfigError(
+                "--enable_xformers_memory_efficient_attention needs xformers and a CUDA GPU, but "
+                f"{' and '.join(missing)}; drop the flag to use PyTorch's scaled-dot-product attention (the default)"
+            )
+    if config.use_8bit_adam:
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            raise cli.ConfigError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes") from None
+    if config.mixed_precision == "fp16" and not torch.cuda.is_available():
+        raise cli.ConfigError("--mixed_precision fp16 needs a CUDA GPU on the torch backend; use bf16 or no on CPU")
+
+
+def make_optimizer(config: TrainConfig, params: list[torch.nn.Parameter], *, num_processes: int) -> Any:
+    """AdamW (bitsandbytes' 8-bit AdamW with --use_8bit_adam) at the (--scale_lr scaled) learning rate."""
+    lr = scaled_learning_rate(
+        config.learning_rate,
+        scale_lr=config.scale_lr,
+        train_batch_size=config.train_batch_size,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        num_devices=num_processes,
+    )
+    if config.use_8bit_adam:
+        import bitsandbytes as bnb
+
+        adamw = bnb.optim.AdamW8bit
+    else:
+        adamw = torch.optim.AdamW
+    return adamw(
+        params,
+        lr=lr,
+        betas=(config.adam_beta1, config.adam_beta2),
+        weight_decay=config.adam_weight_decay,
+        eps=config.adam_epsilon,
+    )
+
+
+def to_tensors(arrays: dict[str, np.ndarray], device: torch.device) -> dict[str, torch.Tensor]:
+    """A dict of numpy arrays (a data batch, host draws) as tensors on ``device``."""
+    return {k: torch.from_numpy(np.ascontiguousarray(v)).to(device) for k, v in arrays.items()}
+
+
+class Trainer:
+    """Builds everything a run needs from the config; `train()` runs it."""
+
+    def __init__(self, config: TrainConfig) -> None:
+        check_torch_features(config)
+        run.check_output_dir(config)
+        check_hub_access(config.push_to_hub, config.hub_model_id)
+        self.out = Path(config.output_dir)
+        # The LR scheduler is stepped by the loop once per optimizer step, as optax's count.
+        self.accelerator = acc = Accelerator(
+            mixed_precision=config.mixed_precision, step_scheduler_with_optimizer=False
+        )
+        acc.wait_for_everyone()  # every process checked output_dir before the main one writes to it
+        if acc.num_processes > 1:  # a seed drawn at start (none given) differs per process: use the main one's
+            config = config.model_copy(update={"seed": broadcast_object_list([config.seed])[0]})
+        self.config = config
+        set_seed(config.seed)
+        if config.allow_tf32:
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+
+        # Task: models (frozen ones already in the compute dtype, on the device), loss, sampler.
+        self.task = TASKS[config.task](config, acc.device)
+        if config.enable_xformers_memory_efficient_attention:
+            for module in (*self.task.trainable.values(), *self.task.frozen.values()):
+                if hasattr(module, "enable_xformers_memory_efficient_attention"):
+                    module.enable_xformers_memory_efficient_attention()
+
+        # Input: each optimizer step consumes `accum` micro-batches per process, delivered as one batch.
+        self.accum = config.gradient_accumulation_steps
+        self.step_batch_size = config.train_batch_size * acc.num_processes * self.accum
+        source, transform, loader = specs_from_config(config, self.step_batch_size)
+        with acc.main_process_first():  # the main process encodes the cache; the others then open it
+            cache = run.open_latent_cache(config, self.task, source, transform, config.train_batch_size)
+        self.data = make_train_iterator(
+            source,
+            transform,
+            loader,
+            self.task.tokenizers,
+            latent_cache=cache,
+            process_index=acc.process_index,
+            process_count=acc.num_processes,
+        )
+        self.max_steps = run.max_train_steps(config, self.data.samples_per_epoch, self.step_batch_size)
+
+        # Optimizer, schedule (diffusers' curves, equal to jaxdiff.optim.lr_schedule) and EMA.
+        names = list(self.task.trainable)
+        self.params = [p for m in self.task.trainable.values() for p in m.parameters()]
+        optimizer = make_optimizer(config, self.params, num_processes=acc.num_processes)
+        lr_scheduler = get_scheduler(
+            config.lr_scheduler,
+            optimizer=optimizer,
+            num_warmup_steps=config.lr_warmup_steps,
+            num_training_steps=self.max_steps,
+            num_cycles=config.lr_num_cycles,
+            power=config.lr_power,
+        )
+        *modules, self.optimizer, self.lr_scheduler = acc.prepare(
+            *self.task.trainable.values(), optimizer, lr_scheduler
+        )
+        self.trained = dict(zip(names, modules, strict=True))
+        self.models = {**self.task.frozen, **self.trained}
+        self.ema = None
+        if config.use_ema:
+            self.ema = EMAModel(
+                self.params,
+                decay=config.ema_decay or run.EMA_DEFAULT_DECAY,
+                use_ema_warmup=config.ema_use_warmup,
+                inv_gamma=config.ema_inv_gamma,
+                power=config.ema_power,
+            )
+            acc.register_for_checkpointing(self.ema)
+
+    # ---- the step ----------------------------------------------------------------------------------------
+
+    def inputs(self, step: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """This process's next batch and the step's random numbers for its rows, on the device."""
+        acc, device = self.accelerator, self.accelerator.device
+        batch = to_tensors(next(self.data), device)
+        rows = len(next(iter(batch.values())))
+        if self.config.random_source == "host":  # the global batch's draws; this process's rows
+            draws = self.task.draw_host(step, self.step_batch_size)
+            randoms = to_tensors(run.process_rows(draws, acc.process_index, acc.num_processes), device)
+        else:
+            generator = torch.Generator(device).manual_seed(derived_seed(self.config.seed, step, acc.process_index))
+            randoms = self.task.draw(generator, rows)
+        return batch, randoms
+
+    def train_step(self, batch: dict[str, torch.Tensor], randoms: dict[str, torch.Tensor]) -> dict[str, Any]:
+        """One optimizer step: mean loss and gradients over the micro-batches, clipping, AdamW, schedule, EMA.
+
+        Micro-batch i takes rows i, i + k, i + 2k, ... (jaxdiff.optim.split_micro_batches), so accumulation sees
+        the samples and draws the JAX backend sees. Gradients are synchronised once, after the last micro-batch.
+        """
+        acc, cfg = self.accelerator, self.config
+        lr = self.lr_scheduler.get_last_lr()[0]
+        total = torch.zeros((), device=acc.device)
+        for i in range(self.accum):
+            micro_batch = {k: v[i :: self.accum] for k, v in batch.items()}
+            micro_randoms = {k: v[i :: self.accum] for k, v in randoms.items()}
+            with contextlib.ExitStack() as stack:
+                if i < self.accum - 1:
+                    for module in self.trained.values():
+                        stack.enter_context(acc.no_sync(module))
+                loss = self.task.loss(self.models, micro_batch, micro_randoms)
+                acc.backward(loss / self.accum)
+            total += loss.detach().float()
+        grad_norm = acc.clip_grad_norm_(self.params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf)
+        self.optimizer.step()
+        self.lr_scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.step(self.params)
+        return {"loss": total / self.accum, "grad_norm": grad_norm.detach().float(), "lr": lr}
+
+    # ---- validation and export ---------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def eval_weights(self) -> Iterator[dict[str, torch.nn.Module]]:
+        """The unwrapped models, holding the EMA weights while inside when they are the ones exported."""
+        use_ema = self.ema is not None and self.config.export_ema
+        if use_ema:
+            self.ema.store(self.params)
+            self.ema.copy_to(self.params)
+        try:
+            yield {**self.task.frozen, **{n: self.accelerator.unwrap_model(m) for n, m in self.trained.items()}}
+        finally:
+            if use_ema:
+                self.ema.restore(self.params)
+
+    def validate(self, step: int, metrics_logger: MetricsLogger) -> None:
+        """Sample every validation prompt with the current (EMA) weights on the main process; save PNG grids."""
+        cfg, acc = self.config, self.accelerator
+        prompts = cfg.validation_prompts or []
+        if not prompts:
+            return
+        if acc.is_main_process:
+            grids = []
+            with self.eval_weights() as models, acc.autocast():
+                for i, prompt in enumerate(prompts):
+                    generator = torch.Generator(acc.device).manual_seed(derived_seed(cfg.seed, VALIDATION_STREAM, i))
+                    grids.append(self.task.sample(models, prompt, cfg.num_validation_images, generator))
+            paths = save_validation_images(self.out, step, list(prompts), grids)
+            for path in paths:
+                metrics_logger.log_images(f"validation/{path.stem}", np.asarray(Image.open(path).convert("RGB")), step)
+        acc.wait_for_everyone()
+
+    def export(self) -> None:
+        """The final diffusers pipeline at output_dir: trained components written, the rest copied through."""
+        cfg, acc = self.config, self.accelerator
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            with self.eval_weights() as models:
+                components = {name: models[name] for name in self.trained}
+                export_pipeline(
+                    self.out, base_model=self.task.model_path, components=components, dtype=cfg.export_dtype
+                )
+            if cfg.push_to_hub:
+                push_to_hub(self.out, cfg.hub_model_id, token=cfg.hub_token, ignore=run.hub_ignore(cfg))
+        acc.wait_for_everyone()
+
+    # ---- the loop ----------------------------------------------------------------------------------------
+
+    def _should_stop(self, preemption: PreemptionGuard, step: int) -> bool:
+        """SIGTERM seen by any process (all processes agree, so they save the same step)."""
+        stop = preemption.should_stop(step)
+        if self.accelerator.num_processes > 1:
+            flag = torch.tensor(float(stop), device=self.accelerator.device)
+            stop = bool(self.accelerator.reduce(flag, reduction="sum").item() > 0)
+        return stop
+
+    def train(self) -> None:
+        """Run to max_train_steps (or until preempted), checkpointing, logging and validating on the way."""
+        cfg, acc = self.config, self.accelerator
+        main = acc.is_main_process
+        if main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            save_config(self.out, cli.to_yaml(cfg))
+        checkpointer = TorchCheckpointer(
+            acc,
+            self.out / "checkpoints",
+            save_interval_steps=cfg.checkpointing_steps,
+            max_to_keep=cfg.checkpoints_total_limit,
+        )
+        start = 0
+        resume = resolve_resume(cfg.resume_from_checkpoint, self.out / "checkpoints")
+        if resume is None:
+            log.info("starting from the pretrained weights (no checkpoint to resume from)")
+        else:
+            path, start = resume
+            self.data.set_state(checkpointer.restore(path))
+            log.info("resumed from step %d", start)
+        with (
+            self.data,
+            MetricsLogger(
+                self.out,
+                report_to=cfg.report_to,
+                logging_dir=cfg.logging_dir,
+                project=cfg.tracker_project_name,
+                config=cfg.model_dump(mode="json"),
+                resume_step=start,
+                is_main_process=main,
+            ) as metrics_logger,
+            PreemptionGuard(jax_multiprocess=False) as preemption,
+            ProgressBar(total=self.max_steps, initial=start, is_main_process=main) as progress,
+        ):
+            pending: list[tuple[int, dict]] = []
+            tick = time.perf_counter()
+            step = start
+            while step < self.max_steps:
+                epoch = self.data.epoch
+                metrics = self.train_step(*self.inputs(step))
+                step += 1
+                pending.append((step, metrics))
+                # Metrics are checked for a non-finite loss before any checkpoint that would contain it.
+                if step % cfg.logging_steps == 0 or step % cfg.checkpointing_steps == 0 or step == self.max_steps:
+                    tick = self._flush_metrics(pending, tick, metrics_logger, progress)
+                    pending = []
+                checkpointer.save(step, self.data.get_state())
+                if run.should_validate(cfg, step, self.data.epoch, self.data.epoch != epoch):
+                    self.validate(step, metrics_logger)
+                if self._should_stop(preemption, step):
+                    if pending:
+                        self._flush_metrics(pending, tick, metrics_logger, progress)
+                    checkpointer.save(step, self.data.get_state(), force=True)
+                    log.warning("SIGTERM received: checkpoint saved at step %d, exiting", step)
+                    return
+            checkpointer.save(step, self.data.get_state(), force=True)
+            if cfg.validation_prompts and not (cfg.validation_steps or cfg.validation_epochs):
+                self.validate(step, metrics_logger)  # no interval given: validate the final weights once
+        self.export()
+
+    def _flush_metrics(
+        self, pending: list[tuple[int, dict]], tick: float, logger: MetricsLogger, progress: ProgressBar
+    ) -> float:
+        """Fetch the metrics of the steps since the last log (one device sync; losses averaged over processes)."""
+        losses = self.accelerator.reduce(torch.stack([m["loss"] for _, m in pending]), reduction="mean")
+        grad_norms = torch.stack([m["grad_norm"] for _, m in pending])
+        fetched = torch.stack([losses, grad_norms]).cpu().tolist()
+        now = time.perf_counter()
+        step_time = (now - tick) / len(pending)
+        samples_per_s = self.step_batch_size / step_time
+        skipped = {f"skipped_{k}": v for k, v in self.data.skipped.items()}
+        for (step, metrics), loss, grad_norm in zip(pending, *fetched, strict=True):
+            check_finite_loss(loss, step, self.out / "checkpoints")
+            row = {"loss": loss, "grad_norm": grad_norm, "lr": metrics["lr"]}
+            logger.log({**row, "step_time_s": step_time, "samples_per_s": samples_per_s, **skipped}, step)
+        progress.update(len(pending), loss=loss, lr=metrics["lr"], samples_per_s=samples_per_s)
+        return now
+
+
+def export_checkpoint(config: TrainConfig, checkpoint: Path, output_dir: Path, *, use_ema: bool, dtype: str) -> None:
+    """A torch-backend checkpoint step folder as a diffusers pipeline at ``output_dir`` (EMA or raw weights);
+    what ``python -m jaxdiff.export`` runs for a run whose config says ``backend: torch``."""
+    accelerator = Accelerator(cpu=True)
+    task = TASKS[config.task](config, accelerator.device)
+    modules = [accelerator.prepare_model(m) for m in task.trainable.values()]  # registered in the trainer's order
+    params = [p for m in task.trainable.values() for p in m.parameters()]
+    ema = EMAModel(params) if config.use_ema else None
+    if ema is not None:
+        accelerator.register_for_checkpointing(ema)
+    accelerator.load_state(str(checkpoint))
+    if use_ema:
+        ema.copy_to(params)
+    components = {name: accelerator.unwrap_model(m) for name, m in zip(task.trainable, modules, strict=True)}
+    export_pipeline(output_dir, base_model=task.model_path, components=components, dtype=dtype)
+
+
+def train(config: TrainConfig) -> None:
+    """Entry point for the torch backend."""
+    Trainer(config).train()
