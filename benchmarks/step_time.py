@@ -35,7 +35,8 @@ CPU_TARGET = 1.25
 SD_TRAIN_TFLOP_PER_512PX_IMAGE = 2.35  # UNet forward + backward, one 512 px image (64x64 latents)
 MAX_LENGTH = 77
 
-# ~35M parameters, SD 1.x-shaped: two cross-attention levels and one plain one, 2 resnets per level.
+# ~35M parameters, SD-shaped: two cross-attention levels and one plain one, 2 resnets per level, 64-dim heads as
+# in SD 2.x and SDXL (diffusers reads an SD-style attention_head_dim as the number of heads).
 CPU_UNET = {
     "in_channels": 4,
     "out_channels": 4,
@@ -44,7 +45,7 @@ CPU_UNET = {
     "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
     "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
     "cross_attention_dim": 384,
-    "attention_head_dim": 8,
+    "attention_head_dim": [2, 4, 4],
     "norm_num_groups": 32,
 }
 # The UNet of runwayml/stable-diffusion-v1-5.
@@ -93,6 +94,7 @@ def jaxdiff_step(model: Path, data: Path, out: Path, args: argparse.Namespace, g
                 "center_crop": True,
                 "train_batch_size": args.batch_size,
                 "mixed_precision": "bf16" if gpu else "no",
+                "attention_implementation": args.attention,
                 "report_to": "none",
                 "seed": 0,
                 "max_train_steps": 1000,
@@ -228,12 +230,20 @@ def main() -> None:
     parser.add_argument("--device-kind", dest="device_kind", choices=("auto", "cpu", "gpu"), default="auto")
     parser.add_argument("--peak_tflops", type=float, default=989.0, help="Device peak (dense bf16) for MFU.")
     parser.add_argument("--images", type=int, default=16, help="Images in the generated imagefolder.")
+    parser.add_argument(
+        "--attention",
+        choices=("xla", "cudnn", "chunked"),
+        default=None,
+        help="jaxdiff's attention_implementation. Default: chunked on CPU (XLA:CPU has no fused attention "
+        "kernel), xla on GPU (cudnn's fused kernel is worth a run too; it requires head dims it supports).",
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
     gpu = detect_gpu(args.device_kind)
     args.batch_size = args.batch_size or (16 if gpu else 4)
     args.resolution = args.resolution or (512 if gpu else 256)
+    args.attention = args.attention or ("xla" if gpu else "chunked")
     unet_config = SD15_UNET if gpu else CPU_UNET
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -283,6 +293,7 @@ def main() -> None:
     backend_ms = 1000 * statistics.median(backend_times)
     ratio = jax_ms / torch_ms
     device = "GPU, bf16" if gpu else f"CPU ({os.cpu_count()} cores), float32"
+    device += f"; jaxdiff attention: {args.attention}"
     rows = [
         ("device", device),
         ("UNet parameters", f"{params:,}"),

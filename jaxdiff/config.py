@@ -325,8 +325,12 @@ class TrainConfig(BaseModel):
     gradient_checkpointing: bool = _field(
         False, "Recompute activations in the backward pass to save memory.", group="Memory and speed"
     )
-    attention_implementation: Literal["xla", "cudnn"] = _field(
-        "xla", "(jaxdiff) Attention kernel of the JAX models.", group="Memory and speed", backends=("jax",)
+    attention_implementation: Literal["xla", "cudnn", "chunked"] = _field(
+        "xla",
+        "(jaxdiff) Attention of the JAX models: xla, cudnn (fused, GPU) or chunked (memory-efficient: the "
+        "backward recomputes attention probabilities in query blocks instead of storing them).",
+        group="Memory and speed",
+        backends=("jax",),
     )
     enable_xformers_memory_efficient_attention: bool = _field(
         False, "Use xFormers attention (needs xformers and CUDA).", group="Memory and speed", backends=("torch",)

@@ -119,7 +119,8 @@ def test_sd2_v_prediction_with_every_loss_option(tmp_path, tiny_sd_v_path, shape
         tmp_path, "v", tiny_sd_v_path, shapes_dataset, "--max_train_steps", "2",
         "--snr_gamma", "5", "--noise_offset", "0.1", "--input_perturbation", "0.1", "--timestep_bias_strategy",
         "later", "--timestep_bias_multiplier", "2", "--gradient_checkpointing", "--mixed_precision", "bf16",
-        "--train_text_encoder", "--lr_scheduler", "cosine", "--lr_warmup_steps", "1",
+        "--train_text_encoder", "--lr_scheduler", "cosine", "--lr_warmup_steps", "1", "--attention_implementation",
+        "chunked",
     )  # fmt: skip
     rows = metrics(out)
     assert all(np.isfinite(r["loss"]) for r in rows)

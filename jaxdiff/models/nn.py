@@ -16,8 +16,10 @@ from jax.typing import DTypeLike
 
 flax.config.update("flax_always_shard_variable", False)
 
-AttentionImpl = Literal["xla", "cudnn"]
-ATTENTION_IMPLEMENTATIONS: tuple[str, ...] = ("xla", "cudnn")
+AttentionImpl = Literal["xla", "cudnn", "chunked"]
+ATTENTION_IMPLEMENTATIONS: tuple[str, ...] = ("xla", "cudnn", "chunked")
+#: Queries per block of the "chunked" attention: its score blocks are (batch, heads, ATTENTION_CHUNK, kv_len).
+ATTENTION_CHUNK = 256
 
 _default_kernel_init = nnx.initializers.lecun_normal()
 
@@ -158,14 +160,77 @@ def attention(
 
     The single place where attention is computed, so fused kernels plug in here. ``upcast`` computes
     scores and softmax in float32 (diffusers' ``upcast_attention``). ``mask`` is boolean, True = attend,
-    broadcastable to (batch, heads, q_len, kv_len).
+    broadcastable to (batch, heads, q_len, kv_len). ``implementation``: ``xla`` (jax.nn.dot_product_attention),
+    ``cudnn`` (its fused GPU kernel) or ``chunked`` (`chunked_attention`, memory-efficient on any backend; an
+    attention with a mask or a causal one falls back to ``xla``).
     """
     if implementation not in ATTENTION_IMPLEMENTATIONS:
         raise ValueError(f"attention implementation {implementation!r} is not one of {ATTENTION_IMPLEMENTATIONS}")
     out_dtype = query.dtype
     if upcast:
         query, key, value = (x.astype(jnp.float32) for x in (query, key, value))
-    out = jax.nn.dot_product_attention(
-        query, key, value, mask=mask, is_causal=is_causal, implementation=implementation
-    )
+    if implementation == "chunked" and mask is None and not is_causal:
+        out = chunked_attention(query, key, value)
+    else:
+        implementation = "xla" if implementation == "chunked" else implementation
+        out = jax.nn.dot_product_attention(
+            query, key, value, mask=mask, is_causal=is_causal, implementation=implementation
+        )
     return out.astype(out_dtype)
+
+
+@jax.custom_vjp
+def chunked_attention(query: jax.Array, key: jax.Array, value: jax.Array) -> jax.Array:
+    """Exact softmax attention on (batch, seq, heads, head_dim), ATTENTION_CHUNK queries at a time.
+
+    Memory-efficient attention (Rabe & Staats, 2021; the backward of FlashAttention, Dao et al., 2022) in plain
+    XLA: the backward pass recomputes each block's probabilities from the saved log-sum-exp instead of keeping
+    the (q_len x kv_len) probability matrix, so training stores O(seq) per head, not O(seq^2). Scores, softmax
+    and accumulation are float32 whatever the input dtype.
+    """
+    return _chunked_fwd(query, key, value)[0]
+
+
+def _blocks(length: int) -> list[slice]:
+    return [slice(i, min(i + ATTENTION_CHUNK, length)) for i in range(0, length, ATTENTION_CHUNK)]
+
+
+def _scores(q: jax.Array, k: jax.Array) -> jax.Array:
+    """float32 scaled scores (b, h, q, k) of (b, h, q, d) queries and (b, h, k, d) keys."""
+    scale = q.shape[-1] ** -0.5
+    return jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
+
+
+def _chunked_fwd(query: jax.Array, key: jax.Array, value: jax.Array) -> tuple[jax.Array, tuple]:
+    q, k, v = (jnp.swapaxes(x, 1, 2) for x in (query, key, value))  # (b, h, n, d)
+    outs, lses = [], []
+    for block in _blocks(q.shape[2]):
+        scores = _scores(q[:, :, block], k)
+        peak = jnp.max(scores, axis=-1, keepdims=True)
+        p = jnp.exp(scores - peak)
+        total = jnp.sum(p, axis=-1, keepdims=True)
+        out = jnp.einsum("bhqk,bhkd->bhqd", p.astype(v.dtype), v, preferred_element_type=jnp.float32) / total
+        outs.append(out)
+        lses.append(peak + jnp.log(total))
+    out = jnp.concatenate(outs, axis=2)
+    return jnp.swapaxes(out, 1, 2).astype(query.dtype), (q, k, v, out, jnp.concatenate(lses, axis=2))
+
+
+def _chunked_bwd(residuals: tuple, d_out: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    q, k, v, out, lse = residuals
+    scale = q.shape[-1] ** -0.5
+    d_out = jnp.swapaxes(d_out, 1, 2).astype(jnp.float32)
+    delta = jnp.sum(d_out * out, axis=-1, keepdims=True)  # rowsum(dO * O) = rowsum(dP * P)
+    dqs, dk, dv = [], jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32)
+    for block in _blocks(q.shape[2]):
+        p = jnp.exp(_scores(q[:, :, block], k) - lse[:, :, block])
+        dv = dv + jnp.einsum("bhqk,bhqd->bhkd", p, d_out[:, :, block])
+        dp = jnp.einsum("bhqd,bhkd->bhqk", d_out[:, :, block], v, preferred_element_type=jnp.float32)
+        ds = p * (dp - delta[:, :, block]) * scale
+        dqs.append(jnp.einsum("bhqk,bhkd->bhqd", ds, k, preferred_element_type=jnp.float32))
+        dk = dk + jnp.einsum("bhqk,bhqd->bhkd", ds, q[:, :, block], preferred_element_type=jnp.float32)
+    grads = (jnp.concatenate(dqs, axis=2), dk, dv)
+    return tuple(jnp.swapaxes(g, 1, 2).astype(x.dtype) for g, x in zip(grads, (q, k, v), strict=True))
+
+
+chunked_attention.defvjp(_chunked_fwd, _chunked_bwd)

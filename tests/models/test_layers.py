@@ -1,5 +1,6 @@
 """Shared layers against diffusers' torch modules: float32, every parameter randomized, NHWC vs NCHW."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -15,7 +16,7 @@ from diffusers.models.transformers.transformer_2d import Transformer2DModel as T
 from diffusers.models.upsampling import Upsample2D as TorchUpsample2D
 from flax import nnx
 
-from jaxdiff.models import layers
+from jaxdiff.models import layers, nn
 from tests.models import jit_call, load_from_torch, max_abs_diff, nchw_to_nhwc, randomize_
 
 TOL = 1e-5
@@ -107,19 +108,38 @@ def test_upsample_2d(use_conv, output_size):
     assert max_abs_diff(_nhwc_to_nchw(got), expected) <= TOL
 
 
+@pytest.mark.parametrize("impl", ["xla", "chunked"])
 @pytest.mark.parametrize("cross_dim, bias", [(None, False), (12, False), (12, True)])
-def test_attention_tokens(cross_dim, bias):
+def test_attention_tokens(cross_dim, bias, impl, monkeypatch):
+    monkeypatch.setattr(nn, "ATTENTION_CHUNK", 4)  # 10 queries: blocks of 4, 4 and 2
     theirs = randomize_(TorchAttention(16, cross_attention_dim=cross_dim, heads=2, dim_head=8, bias=bias))
-    ours = load_from_torch(
-        lambda rngs: layers.Attention(16, cross_attention_dim=cross_dim, heads=2, dim_head=8, bias=bias, rngs=rngs),
-        theirs,
-    )
+    kwargs = {"cross_attention_dim": cross_dim, "heads": 2, "dim_head": 8, "bias": bias, "attention_impl": impl}
+    ours = load_from_torch(lambda rngs: layers.Attention(16, rngs=rngs, **kwargs), theirs)
     x = _randn(2, 10, 16)
     context = _randn(2, 7, cross_dim, seed=1) if cross_dim else None
     with torch.no_grad():
         expected = theirs(x, context)
     got = jit_call(ours, jnp.asarray(x.numpy()), None if context is None else jnp.asarray(context.numpy()))
     assert max_abs_diff(got, expected) <= TOL
+
+
+@pytest.mark.parametrize("q_len, kv_len", [(200, 200), (200, 77)])
+def test_chunked_attention_gradients_match_torch(q_len, kv_len, monkeypatch):
+    """Values and all three gradients of the memory-efficient attention equal torch SDPA's (3 query blocks)."""
+    monkeypatch.setattr(nn, "ATTENTION_CHUNK", 64)
+    q, k, v = (_randn(2, n, 4, 16, seed=i) for i, n in enumerate((q_len, kv_len, kv_len)))
+    weight = _randn(2, q_len, 4, 16, seed=3)
+    tq, tk, tv = (x.transpose(1, 2).clone().requires_grad_() for x in (q, k, v))
+    expected = torch.nn.functional.scaled_dot_product_attention(tq, tk, tv).transpose(1, 2)
+    (expected * weight).sum().backward()
+
+    def loss(q, k, v):
+        return jnp.sum(nn.chunked_attention(q, k, v) * jnp.asarray(weight.numpy()))
+
+    grads = jax.grad(loss, argnums=(0, 1, 2))(*(jnp.asarray(x.numpy()) for x in (q, k, v)))
+    assert max_abs_diff(nn.chunked_attention(*(jnp.asarray(x.numpy()) for x in (q, k, v))), expected.detach()) <= TOL
+    for got, want in zip(grads, (tq, tk, tv), strict=True):
+        assert max_abs_diff(got, want.grad.transpose(1, 2)) <= TOL
 
 
 def test_attention_image_with_group_norm_and_residual():
