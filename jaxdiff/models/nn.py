@@ -196,13 +196,13 @@ def _blocks(length: int) -> list[slice]:
 
 
 def _scores(q: jax.Array, k: jax.Array) -> jax.Array:
-    """float32 scaled scores (b, h, q, k) of (b, h, q, d) queries and (b, h, k, d) keys."""
-    scale = q.shape[-1] ** -0.5
-    return jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
+    """float32 scores (b, h, q, k) of (b, h, q, d) queries (already scaled) and (b, h, k, d) keys."""
+    return jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32)
 
 
 def _chunked_fwd(query: jax.Array, key: jax.Array, value: jax.Array) -> tuple[jax.Array, tuple]:
-    q, k, v = (jnp.swapaxes(x, 1, 2) for x in (query, key, value))  # (b, h, n, d)
+    # (b, h, n, d); the 1/sqrt(d) scale goes on the queries, not on the (n x n) scores.
+    q, k, v = (jnp.swapaxes(x, 1, 2) for x in (query * query.shape[-1] ** -0.5, key, value))
     outs, lses = [], []
     for block in _blocks(q.shape[2]):
         scores = _scores(q[:, :, block], k)
@@ -217,7 +217,7 @@ def _chunked_fwd(query: jax.Array, key: jax.Array, value: jax.Array) -> tuple[ja
 
 
 def _chunked_bwd(residuals: tuple, d_out: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-    q, k, v, out, lse = residuals
+    q, k, v, out, lse = residuals  # q is scaled
     scale = q.shape[-1] ** -0.5
     d_out = jnp.swapaxes(d_out, 1, 2).astype(jnp.float32)
     delta = jnp.sum(d_out * out, axis=-1, keepdims=True)  # rowsum(dO * O) = rowsum(dP * P)
@@ -226,10 +226,10 @@ def _chunked_bwd(residuals: tuple, d_out: jax.Array) -> tuple[jax.Array, jax.Arr
         p = jnp.exp(_scores(q[:, :, block], k) - lse[:, :, block])
         dv = dv + jnp.einsum("bhqk,bhqd->bhkd", p, d_out[:, :, block])
         dp = jnp.einsum("bhqd,bhkd->bhqk", d_out[:, :, block], v, preferred_element_type=jnp.float32)
-        ds = p * (dp - delta[:, :, block]) * scale
+        ds = p * (dp - delta[:, :, block])
         dqs.append(jnp.einsum("bhqk,bhkd->bhqd", ds, k, preferred_element_type=jnp.float32))
         dk = dk + jnp.einsum("bhqk,bhqd->bhkd", ds, q[:, :, block], preferred_element_type=jnp.float32)
-    grads = (jnp.concatenate(dqs, axis=2), dk, dv)
+    grads = (jnp.concatenate(dqs, axis=2) * scale, dk, dv)  # dk carries the scale through the scaled q
     return tuple(jnp.swapaxes(g, 1, 2).astype(x.dtype) for g, x in zip(grads, (q, k, v), strict=True))
 
 
