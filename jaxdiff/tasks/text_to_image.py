@@ -20,6 +20,7 @@ from jaxdiff.data.fingerprint import hash_json
 from jaxdiff.models.autoencoder_kl import AutoencoderKL
 from jaxdiff.models.clip import CLIPTextModel
 from jaxdiff.models.unet_2d_condition import UNet2DConditionModel
+from jaxdiff.objective import TextToImageRoles
 from jaxdiff.weights import read_config, resolve_folder
 
 COMPUTE_DTYPES = {"no": jnp.float32, "bf16": jnp.bfloat16, "fp16": jnp.float16}
@@ -28,7 +29,7 @@ Batch = dict[str, jax.Array]
 Models = dict[str, nnx.Module]
 
 
-class TextToImage:
+class TextToImage(TextToImageRoles):
     """UNet (and optionally the text encoder) trained on (image, caption) pairs; VAE frozen."""
 
     name = "text_to_image"
@@ -64,41 +65,9 @@ class TextToImage:
         if config.prediction_type:
             scheduler["prediction_type"] = config.prediction_type
         self.schedule = diffusion.NoiseSchedule.from_config(scheduler)
-        self.timestep_weights = (
-            None
-            if config.timestep_bias_strategy == "none"
-            else diffusion.timestep_bias_weights(
-                self.schedule.num_train_timesteps,
-                config.timestep_bias_strategy,
-                config.timestep_bias_multiplier,
-                config.timestep_bias_begin,
-                config.timestep_bias_end,
-                config.timestep_bias_portion,
-            )
+        self._common(
+            self.schedule.num_train_timesteps, self.unet.config.in_channels, len(self.vae.config.block_out_channels)
         )
-        vae_scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
-        latent_size = config.resolution // vae_scale
-        self.latent_shape = (self.unet.config.in_channels, latent_size, latent_size)
-
-    @property
-    def trainable(self) -> Models:
-        """Modules whose parameters are optimised (and exported)."""
-        models: Models = {"unet": self.unet}
-        if self.config.train_text_encoder:
-            models["text_encoder"] = self.text_encoder
-        return models
-
-    @property
-    def frozen(self) -> Models:
-        """Modules used but not trained."""
-        models: Models = {"vae": self.vae}
-        if not self.config.train_text_encoder:
-            models["text_encoder"] = self.text_encoder
-        return models
-
-    @property
-    def tokenizers(self) -> tuple[CLIPTokenizer, ...]:
-        return (self.tokenizer,)
 
     def draw(self, rng: jax.Array, batch_size: int) -> Batch:
         """Every random number one optimizer step needs, per sample, drawn for the whole global batch.
@@ -113,29 +82,13 @@ class TextToImage:
         if cfg.noise_offset:
             noise = diffusion.offset_noise(keys[1], noise, cfg.noise_offset)
         noise_in = diffusion.perturb_noise(keys[2], noise, cfg.input_perturbation) if cfg.input_perturbation else noise
-        timesteps = diffusion.sample_timesteps(
-            keys[3], batch_size, self.schedule.num_train_timesteps, self.timestep_weights
-        )
+        timesteps = diffusion.sample_timesteps(keys[3], batch_size, self.num_train_timesteps, self.timestep_weights)
         return {
             "noise": noise,
             "noise_in": noise_in,
             "timesteps": timesteps,
             "latent_eps": jax.random.normal(keys[4], shape),
         }
-
-    def draw_host(self, step: int, batch_size: int) -> dict[str, np.ndarray]:
-        """`draw`'s numbers drawn with NumPy from (seed, step) (`--random_source host`), as the torch backend does."""
-        cfg = self.config
-        return diffusion.host_draws(
-            cfg.seed,
-            step,
-            batch_size,
-            self.latent_shape,
-            self.schedule.num_train_timesteps,
-            self.timestep_weights,
-            cfg.noise_offset,
-            cfg.input_perturbation,
-        )
 
     def encode_images(self, pixel_values: np.ndarray) -> tuple[jax.Array, jax.Array]:
         """(mean, logvar) of the frozen VAE's latent distribution, for the latent cache."""

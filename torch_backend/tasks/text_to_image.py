@@ -11,10 +11,10 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from jaxdiff import diffusion
 from jaxdiff.config import TrainConfig
 from jaxdiff.data import fingerprint_files
 from jaxdiff.data.fingerprint import hash_json
+from jaxdiff.objective import TextToImageRoles
 from jaxdiff.weights import ModelFilesNotFoundError, resolve_folder
 from torch_backend.diffusion import snr_weighted_loss, training_target
 
@@ -37,7 +37,7 @@ def load_pretrained(cls: Any, path: str, *, allow_pickle: bool = True, **kwargs:
         raise ModelFilesNotFoundError(f"cannot load {cls.__name__} from {where!r}{hint}: {err}") from None
 
 
-class TextToImage:
+class TextToImage(TextToImageRoles):
     """UNet (and optionally the text encoder) trained on (image, caption) pairs; VAE frozen."""
 
     name = "text_to_image"
@@ -85,41 +85,11 @@ class TextToImage:
                 enable = getattr(self.text_encoder, "activation_checkpointing_enable", None)
                 (enable or self.text_encoder.gradient_checkpointing_enable)()
 
-        self.timestep_weights = (
-            None
-            if config.timestep_bias_strategy == "none"
-            else diffusion.timestep_bias_weights(
-                self.scheduler.config.num_train_timesteps,
-                config.timestep_bias_strategy,
-                config.timestep_bias_multiplier,
-                config.timestep_bias_begin,
-                config.timestep_bias_end,
-                config.timestep_bias_portion,
-            )
+        self._common(
+            self.scheduler.config.num_train_timesteps,
+            self.unet.config.in_channels,
+            len(self.vae.config.block_out_channels),
         )
-        vae_scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
-        latent_size = config.resolution // vae_scale
-        self.latent_shape = (self.unet.config.in_channels, latent_size, latent_size)
-
-    @property
-    def trainable(self) -> Models:
-        """Modules whose parameters are optimised (and exported)."""
-        models: Models = {"unet": self.unet}
-        if self.config.train_text_encoder:
-            models["text_encoder"] = self.text_encoder
-        return models
-
-    @property
-    def frozen(self) -> Models:
-        """Modules used but not trained."""
-        models: Models = {"vae": self.vae}
-        if not self.config.train_text_encoder:
-            models["text_encoder"] = self.text_encoder
-        return models
-
-    @property
-    def tokenizers(self) -> tuple[CLIPTokenizer, ...]:
-        return (self.tokenizer,)
 
     def draw(self, generator: torch.Generator, batch_size: int) -> Batch:
         """Every random number one optimizer step needs, per sample, for ``batch_size`` samples (the JAX task's
@@ -132,7 +102,7 @@ class TextToImage:
         noise_in = noise
         if cfg.input_perturbation:
             noise_in = noise + cfg.input_perturbation * torch.randn(shape, generator=generator, device=device)
-        num_timesteps = self.scheduler.config.num_train_timesteps
+        num_timesteps = self.num_train_timesteps
         if self.timestep_weights is None:
             timesteps = torch.randint(0, num_timesteps, (batch_size,), generator=generator, device=device)
         else:
@@ -141,21 +111,6 @@ class TextToImage:
         latent_eps = torch.randn(shape, generator=generator, device=device)
         return {"noise": noise, "noise_in": noise_in, "timesteps": timesteps, "latent_eps": latent_eps}
 
-    def draw_host(self, step: int, batch_size: int) -> dict[str, np.ndarray]:
-        """`draw`'s numbers drawn with NumPy from (seed, step) (``--random_source host``), as the JAX task does."""
-        cfg = self.config
-        return diffusion.host_draws(
-            cfg.seed,
-            step,
-            batch_size,
-            self.latent_shape,
-            self.scheduler.config.num_train_timesteps,
-            self.timestep_weights,
-            cfg.noise_offset,
-            cfg.input_perturbation,
-        )
-
-    @torch.no_grad()
     def encode_images(self, pixel_values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(mean, logvar) of the frozen VAE's latent distribution, for the latent cache."""
         dist = self.vae.encode(torch.from_numpy(pixel_values).to(self.device, self.vae_dtype)).latent_dist
