@@ -1,7 +1,5 @@
 """Cross-backend parity: the same config, weights and host-drawn randoms give the same losses on JAX and torch."""
 
-import json
-
 import numpy as np
 import pytest
 
@@ -50,6 +48,5 @@ def test_losses_match_across_backends(case, extra, request, tmp_path, shapes_dat
     TorchTrainer(config(model, shapes_dataset, tmp_path / "torch", "torch", **extra)).train()
     jax_rows, torch_rows = metrics(tmp_path / "jax"), metrics(tmp_path / "torch")
     assert [set(r) for r in torch_rows] == [set(r) for r in jax_rows]  # the same metrics.jsonl keys
-    print(json.dumps({"jax": [r["loss"] for r in jax_rows], "torch": [r["loss"] for r in torch_rows]}))
     np.testing.assert_allclose([r["lr"] for r in torch_rows], [r["lr"] for r in jax_rows], rtol=1e-6)
     np.testing.assert_allclose([r["loss"] for r in torch_rows], [r["loss"] for r in jax_rows], rtol=1e-4)
