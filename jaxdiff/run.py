@@ -1,11 +1,12 @@
 """The run-level rules both trainers follow (JAX and torch alike); framework-free.
 
 Where output goes and what it may overwrite, how long a run is, when it validates, where the latent cache
-lives, which host-drawn randoms belong to which process, and what is kept off the Hub.
+lives, which host-drawn randoms belong to which process, what a metrics row holds, and what is kept off the Hub.
 """
 
 import logging
 import math
+import time
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ import numpy as np
 from jaxdiff.cli import ConfigError
 from jaxdiff.config import TrainConfig
 from jaxdiff.data import LatentCache, SourceSpec, TransformSpec, build_latent_cache
+from jaxdiff.metrics import MetricsLogger, ProgressBar, check_finite_loss
 
 log = logging.getLogger("jaxdiff")
 
@@ -87,3 +89,26 @@ def process_rows(draws: dict[str, np.ndarray], process_index: int, process_count
 def hub_ignore(config: TrainConfig) -> tuple[str, ...]:
     """Folders of output_dir that stay off the Hub."""
     return ("checkpoints", LATENT_CACHE_DIR, config.logging_dir)
+
+
+def log_steps(
+    rows: list[tuple[int, dict[str, float]]],
+    tick: float,
+    *,
+    samples_per_step: int,
+    skipped: dict[str, int],
+    logger: MetricsLogger,
+    progress: ProgressBar,
+    checkpoints_dir: Path,
+) -> float:
+    """Writes the fetched (step, {loss, lr, grad_norm}) rows since ``tick`` with throughput and skip counts,
+    stopping on a non-finite loss; returns the new tick. Call it right after fetching the rows."""
+    now = time.perf_counter()
+    step_time = (now - tick) / len(rows)
+    samples_per_s = samples_per_step / step_time
+    skipped_counts = {f"skipped_{k}": v for k, v in skipped.items()}
+    for step, row in rows:
+        check_finite_loss(row["loss"], step, checkpoints_dir)
+        logger.log({**row, "step_time_s": step_time, "samples_per_s": samples_per_s, **skipped_counts}, step)
+    progress.update(len(rows), loss=row["loss"], lr=row["lr"], samples_per_s=samples_per_s)
+    return now

@@ -25,7 +25,6 @@ from jaxdiff.export import check_hub_access, export_pipeline, push_to_hub
 from jaxdiff.metrics import (
     MetricsLogger,
     ProgressBar,
-    check_finite_loss,
     save_config,
     save_validation_images,
 )
@@ -322,16 +321,19 @@ class Trainer:
     ) -> float:
         """Fetch the metrics of the steps since the last log (one device sync) and write them."""
         fetched = jax.device_get([m for _, m in pending])
-        now = time.perf_counter()
-        step_time = (now - tick) / len(pending)
-        samples_per_s = self.batch_size * self.accum / step_time
-        skipped = {f"skipped_{k}": v for k, v in self.data.skipped.items()}
-        for (step, _), values in zip(pending, fetched, strict=True):
-            row = {k: float(v) for k, v in values.items()}
-            check_finite_loss(row["loss"], step, self.out / "checkpoints")
-            logger.log({**row, "step_time_s": step_time, "samples_per_s": samples_per_s, **skipped}, step)
-        progress.update(len(pending), loss=row["loss"], lr=row["lr"], samples_per_s=samples_per_s)
-        return now
+        rows = [
+            (step, {k: float(v) for k, v in values.items()})
+            for (step, _), values in zip(pending, fetched, strict=True)
+        ]
+        return run.log_steps(
+            rows,
+            tick,
+            samples_per_step=self.batch_size * self.accum,
+            skipped=self.data.skipped,
+            logger=logger,
+            progress=progress,
+            checkpoints_dir=self.out / "checkpoints",
+        )
 
 
 def export_trained(task: Any, params: dict, output_dir: Path, dtype: str) -> None:

@@ -27,7 +27,7 @@ from jaxdiff.checkpoint import PreemptionGuard, resolve_resume
 from jaxdiff.config import TrainConfig
 from jaxdiff.data import make_train_iterator, specs_from_config
 from jaxdiff.export import check_hub_access, export_pipeline, push_to_hub
-from jaxdiff.metrics import MetricsLogger, ProgressBar, check_finite_loss, save_config, save_validation_images
+from jaxdiff.metrics import MetricsLogger, ProgressBar, save_config, save_validation_images
 from jaxdiff.optim import scaled_learning_rate
 from torch_backend.checkpoint import TorchCheckpointer
 from torch_backend.tasks import TASKS
@@ -335,16 +335,19 @@ class Trainer:
         losses = self.accelerator.reduce(torch.stack([m["loss"] for _, m in pending]), reduction="mean")
         grad_norms = torch.stack([m["grad_norm"] for _, m in pending])
         fetched = torch.stack([losses, grad_norms]).cpu().tolist()
-        now = time.perf_counter()
-        step_time = (now - tick) / len(pending)
-        samples_per_s = self.step_batch_size / step_time
-        skipped = {f"skipped_{k}": v for k, v in self.data.skipped.items()}
-        for (step, metrics), loss, grad_norm in zip(pending, *fetched, strict=True):
-            check_finite_loss(loss, step, self.out / "checkpoints")
-            row = {"loss": loss, "grad_norm": grad_norm, "lr": metrics["lr"]}
-            logger.log({**row, "step_time_s": step_time, "samples_per_s": samples_per_s, **skipped}, step)
-        progress.update(len(pending), loss=loss, lr=metrics["lr"], samples_per_s=samples_per_s)
-        return now
+        rows = [
+            (step, {"loss": loss, "grad_norm": grad_norm, "lr": metrics["lr"]})
+            for (step, metrics), loss, grad_norm in zip(pending, *fetched, strict=True)
+        ]
+        return run.log_steps(
+            rows,
+            tick,
+            samples_per_step=self.step_batch_size,
+            skipped=self.data.skipped,
+            logger=logger,
+            progress=progress,
+            checkpoints_dir=self.out / "checkpoints",
+        )
 
 
 def export_checkpoint(config: TrainConfig, checkpoint: Path, output_dir: Path, *, use_ema: bool, dtype: str) -> None:
