@@ -18,7 +18,7 @@ from jaxdiff.models.modeling import ModelConfig, PretrainedModel
 
 _ACTIVATIONS = {
     "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu": nn.gelu,
 }
 
 

@@ -21,7 +21,7 @@ from jaxdiff.models import nn
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "silu": jax.nn.silu,
     "swish": jax.nn.silu,
-    "gelu": partial(jax.nn.gelu, approximate=False),
+    "gelu": nn.gelu,
     "relu": jax.nn.relu,
     "mish": jax.nn.mish,
 }
@@ -354,7 +354,8 @@ class GELU(nnx.Module):
         self.approximate = approximate == "tanh"
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return jax.nn.gelu(self.proj(x), approximate=self.approximate)
+        x = self.proj(x)
+        return jax.nn.gelu(x, approximate=True) if self.approximate else nn.gelu(x)
 
 
 class GEGLU(nnx.Module):
@@ -374,7 +375,7 @@ class GEGLU(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         value, gate = jnp.split(self.proj(x), 2, axis=-1)
-        return value * jax.nn.gelu(gate, approximate=False)
+        return value * nn.gelu(gate)
 
 
 class FeedForward(nnx.Module):

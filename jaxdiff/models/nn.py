@@ -72,8 +72,10 @@ def conv(
 ) -> nnx.Conv:
     """A 2-D convolution on NHWC inputs; kernel is HWIO (torch's OIHW weight, permuted).
 
-    ``padding`` is torch's: an int pads both sides of both spatial dims.
+    ``padding`` is torch's: an int pads both sides of both spatial dims. A 1x1 convolution (stride 1, no padding)
+    is `pointwise_conv`: the same forward, its weight gradient one matmul.
     """
+    pointwise = kernel_size == 1 and stride == 1 and padding == 0
     if isinstance(padding, int):
         padding = ((padding, padding), (padding, padding))
     return nnx.Conv(
@@ -87,8 +89,47 @@ def conv(
         param_dtype=param_dtype,
         kernel_init=nnx.with_partitioning(_default_kernel_init, (None, None, "in", "out")),
         bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), ("out",)),
+        conv_general_dilated=_pointwise_conv_general_dilated if pointwise else jax.lax.conv_general_dilated,
         rngs=rngs,
     )
+
+
+_NHWC = ("NHWC", "HWIO", "NHWC")
+
+
+def _conv_1x1(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    return jax.lax.conv_general_dilated(x, kernel, (1, 1), "VALID", dimension_numbers=_NHWC)
+
+
+@jax.custom_vjp
+def pointwise_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """A 1x1 convolution of NHWC ``x`` with a (1, 1, in, out) kernel.
+
+    The forward and the input gradient are XLA's convolution; the kernel gradient is one (pixels x in)^T @
+    (pixels x out) matmul, which XLA:CPU computes much faster than the transposed convolution autodiff emits
+    (the UNet's proj_in/proj_out and shortcut convolutions: measured 9% of its training step on CPU).
+    """
+    return _conv_1x1(x, kernel)
+
+
+def _pointwise_fwd(x: jax.Array, kernel: jax.Array) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    return _conv_1x1(x, kernel), (x, kernel)
+
+
+def _pointwise_bwd(residuals: tuple[jax.Array, jax.Array], d_out: jax.Array) -> tuple[jax.Array, jax.Array]:
+    x, kernel = residuals
+    (dx,) = jax.vjp(lambda x: _conv_1x1(x, kernel), x)[1](d_out)
+    rows = x.reshape(-1, x.shape[-1])
+    d_kernel = jnp.matmul(rows.T, d_out.reshape(-1, d_out.shape[-1]), preferred_element_type=jnp.float32)
+    return dx, d_kernel.reshape(kernel.shape).astype(kernel.dtype)
+
+
+pointwise_conv.defvjp(_pointwise_fwd, _pointwise_bwd)
+
+
+def _pointwise_conv_general_dilated(lhs: jax.Array, rhs: jax.Array, *args, **kwargs) -> jax.Array:
+    """``nnx.Conv``'s convolution hook for the convolutions `conv` builds with kernel 1, stride 1, no padding."""
+    return pointwise_conv(lhs, rhs)
 
 
 def group_norm(
@@ -114,6 +155,14 @@ def group_norm(
         bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), ("norm",)),
         rngs=rngs,
     )
+
+
+def gelu(x: jax.Array) -> jax.Array:
+    """Exact (erf) GELU, torch's default: ``x * (1 + erf(x / sqrt(2))) / 2``.
+
+    ``jax.nn.gelu(approximate=False)`` is the same function through ``erfc``, which XLA:CPU evaluates 2.6x slower.
+    """
+    return x * 0.5 * (1.0 + jax.lax.erf(x * 0.7071067811865476))
 
 
 def layer_norm(

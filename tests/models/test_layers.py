@@ -142,6 +142,52 @@ def test_chunked_attention_gradients_match_torch(q_len, kv_len, monkeypatch):
         assert max_abs_diff(got, want.grad.transpose(1, 2)) <= TOL
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_pointwise_conv_gradients_match_torch(dtype):
+    """A 1x1 conv (its own weight-gradient rule): values, input and kernel gradients equal torch's conv2d."""
+    conv = nn.conv(6, 5, 1, dtype=dtype, rngs=nnx.Rngs(0))
+    assert conv.conv_general_dilated is not jax.lax.conv_general_dilated
+    x, weight = _randn(2, 6, 7, 9), _randn(2, 5, 7, 9, seed=1)
+    tx = x.clone().requires_grad_()
+    tw = torch.from_numpy(np.asarray(conv.kernel[...]).transpose(3, 2, 0, 1).copy()).requires_grad_()
+    tb = torch.from_numpy(np.asarray(conv.bias[...]).copy())
+    expected = torch.nn.functional.conv2d(tx, tw, tb)
+    (expected * weight).sum().backward()
+
+    graphdef, params = nnx.split(conv)
+
+    def loss(x, params):
+        return jnp.sum(nnx.merge(graphdef, params)(x).astype(jnp.float32) * nchw_to_nhwc(weight))
+
+    got_x, got_params = jax.grad(loss, argnums=(0, 1))(jnp.asarray(nchw_to_nhwc(x)), params)
+    got_kernel = got_params["kernel"][...]
+    pairs = [
+        (_nhwc_to_nchw(conv(jnp.asarray(nchw_to_nhwc(x)))), expected.detach()),
+        (_nhwc_to_nchw(got_x), tx.grad),
+        (got_kernel, tw.grad.permute(2, 3, 1, 0)),
+    ]
+    for got, want in pairs:
+        # bf16 inputs: a 2% sanity bound relative to the values' scale, not a parity test
+        tol = TOL if dtype == jnp.float32 else 2e-2 * float(want.abs().max())
+        assert max_abs_diff(got, want) <= tol
+    assert got_kernel.dtype == jnp.float32
+
+
+@pytest.mark.parametrize("kernel_size, stride, padding", [(3, 1, 1), (1, 2, 0), (1, 1, 1)])
+def test_other_convs_are_plain_xla(kernel_size, stride, padding):
+    conv = nn.conv(4, 4, kernel_size, stride=stride, padding=padding, rngs=nnx.Rngs(0))
+    assert conv.conv_general_dilated is jax.lax.conv_general_dilated
+
+
+def test_gelu_matches_torch_exact_gelu():
+    x = _randn(4096, seed=2) * 4
+    tx = x.clone().requires_grad_()
+    torch.nn.functional.gelu(tx).sum().backward()
+    grad = jax.grad(lambda x: jnp.sum(nn.gelu(x)))(jnp.asarray(x.numpy()))
+    assert max_abs_diff(nn.gelu(jnp.asarray(x.numpy())), torch.nn.functional.gelu(x)) <= TOL
+    assert max_abs_diff(grad, tx.grad) <= TOL
+
+
 def test_attention_image_with_group_norm_and_residual():
     """The VAE / UNet2DModel mid-block form: NHWC image in, group norm, residual, rescaled output."""
     kwargs = {"heads": 1, "dim_head": 16, "bias": True, "norm_num_groups": 4, "eps": 1e-6}
