@@ -132,6 +132,35 @@ def _pointwise_conv_general_dilated(lhs: jax.Array, rhs: jax.Array, *args, **kwa
     return pointwise_conv(lhs, rhs)
 
 
+class GroupNorm(nnx.GroupNorm):
+    """``nnx.GroupNorm`` over the channel (last) axis of (batch, ..., channels), statistics in float32.
+
+    The same function, computed from per-channel sums: XLA:CPU reduces over the pixel axis vectorized across
+    channels, where the (pixels x channels-in-group) reduction of the parent class is strided (measured 2x faster
+    forward and backward on one core).
+    """
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        batch, channels = x.shape[0], x.shape[-1]
+        per_group = channels // self.num_groups
+        rows = x.reshape(batch, -1, channels).astype(jnp.float32)
+        count = rows.shape[1] * per_group
+
+        def group_mean(values: jax.Array) -> jax.Array:  # (batch, pixels, channels) -> (batch, 1, channels)
+            sums = values.sum(axis=1).reshape(batch, self.num_groups, per_group).sum(axis=-1) / count
+            return jnp.repeat(sums, per_group, axis=1)[:, None, :]
+
+        centered = rows - group_mean(rows)
+        factor = jax.lax.rsqrt(group_mean(centered * centered) + self.epsilon)
+        if self.scale is not None:
+            factor = factor * self.scale[...].astype(jnp.float32)
+        y = centered * factor
+        if self.bias is not None:
+            y = y + self.bias[...].astype(jnp.float32)
+        dtype = self.dtype or jnp.result_type(x, *(p[...] for p in (self.scale, self.bias) if p is not None))
+        return y.reshape(x.shape).astype(dtype)
+
+
 def group_norm(
     num_channels: int,
     num_groups: int,
@@ -140,11 +169,11 @@ def group_norm(
     dtype: DTypeLike | None = None,
     param_dtype: DTypeLike = jnp.float32,
     rngs: nnx.Rngs,
-) -> nnx.GroupNorm:
+) -> GroupNorm:
     """GroupNorm over the channel (last) axis, statistics in float32 as torch computes them."""
     if num_channels % num_groups:
         raise ValueError(f"norm_num_groups={num_groups} must divide the channel count {num_channels}")
-    return nnx.GroupNorm(
+    return GroupNorm(
         num_channels,
         num_groups=num_groups,
         epsilon=eps,
@@ -277,6 +306,15 @@ def _chunked_fwd(query: jax.Array, key: jax.Array, value: jax.Array) -> tuple[ja
     return jnp.swapaxes(out, 1, 2).astype(query.dtype), (q, k, v, out, jnp.concatenate(lses, axis=2))
 
 
+def _contract_queries(p: jax.Array, x: jax.Array) -> jax.Array:
+    """(b, h, k, d) = p^T x over a block's queries, for (b, h, q, k) ``p`` and (b, h, q, d) ``x``.
+
+    Written as (x^T p)^T: XLA:CPU runs that as its fast batched matmul, the plain contraction as a generic dot
+    (attention forward+backward 93 -> 84 ms on one core, the same sums).
+    """
+    return jnp.swapaxes(jnp.einsum("bhqd,bhqk->bhdk", x, p, preferred_element_type=jnp.float32), 2, 3)
+
+
 def _chunked_bwd(residuals: tuple, d_out: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     q, k, v, out, lse = residuals  # q is scaled
     scale = q.shape[-1] ** -0.5
@@ -285,11 +323,11 @@ def _chunked_bwd(residuals: tuple, d_out: jax.Array) -> tuple[jax.Array, jax.Arr
     dqs, dk, dv = [], jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32)
     for block in _blocks(q.shape[2]):
         p = jnp.exp(_scores(q[:, :, block], k) - lse[:, :, block])
-        dv = dv + jnp.einsum("bhqk,bhqd->bhkd", p, d_out[:, :, block])
+        dv = dv + _contract_queries(p, d_out[:, :, block])
         dp = jnp.einsum("bhqd,bhkd->bhqk", d_out[:, :, block], v, preferred_element_type=jnp.float32)
         ds = p * (dp - delta[:, :, block])
         dqs.append(jnp.einsum("bhqk,bhkd->bhqd", ds, k, preferred_element_type=jnp.float32))
-        dk = dk + jnp.einsum("bhqk,bhqd->bhkd", ds, q[:, :, block], preferred_element_type=jnp.float32)
+        dk = dk + _contract_queries(ds, q[:, :, block])
     grads = (jnp.concatenate(dqs, axis=2) * scale, dk, dv)  # dk carries the scale through the scaled q
     return tuple(jnp.swapaxes(g, 1, 2).astype(x.dtype) for g, x in zip(grads, (q, k, v), strict=True))
 
