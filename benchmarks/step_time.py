@@ -18,7 +18,8 @@ diffusers' reference loop).
 
 On CPU, jaxdiff runs one XLA:CPU device per core (``--xla_force_host_platform_device_count``, set here before jax
 is imported) and its default mesh puts them all on the data axis: the batch is split over the cores, as a TPU VM
-splits it over its chips. ``--mesh 1x1`` times a single device instead.
+splits it over its chips. ``XLA_FLAGS=--xla_force_host_platform_device_count=1 python benchmarks/step_time.py``
+times a single device instead.
 
 With a GPU visible to both JAX and torch (``--device-kind auto``), the UNet is SD 1.5's at 512 px (64x64
 latents) in bf16, and the UNet model-FLOPs utilization is printed too (2.35 TFLOP per 512 px image per step).
