@@ -1,6 +1,6 @@
 """Training step time of the same SD-shaped model in jaxdiff and in diffusers (torch), side by side in one run.
 
-    python benchmarks/step_time.py [--steps 10] [--warmup 3] [--batch_size 4] [--resolution 256]
+    python benchmarks/step_time.py [--steps 20] [--warmup 3] [--batch_size 4] [--resolution 256]
 
 Builds, in a temporary folder, a randomly initialised diffusers-format SD pipeline (a ~35M-parameter SD-shaped
 UNet, a small 4-level VAE, a small CLIP text encoder) and an imagefolder of generated 256 px images. Then it
@@ -242,7 +242,7 @@ def timed(fn) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=10, help="Timed steps of each framework.")
+    parser.add_argument("--steps", type=int, default=20, help="Timed steps (rounds) of each framework.")
     parser.add_argument("--warmup", type=int, default=3, help="Untimed steps of each framework first.")
     parser.add_argument("--batch_size", type=int, default=None, help="Default: 4 on CPU, 16 on GPU.")
     parser.add_argument("--resolution", type=int, default=None, help="Default: 256 on CPU, 512 on GPU.")
