@@ -325,10 +325,11 @@ class TrainConfig(BaseModel):
     gradient_checkpointing: bool = _field(
         False, "Recompute activations in the backward pass to save memory.", group="Memory and speed"
     )
-    attention_implementation: Literal["xla", "cudnn", "chunked"] = _field(
-        "xla",
+    attention_implementation: Literal["auto", "xla", "cudnn", "chunked"] = _field(
+        "auto",
         "(jaxdiff) Attention of the JAX models: xla, cudnn (fused, GPU) or chunked (memory-efficient: the "
-        "backward recomputes attention probabilities in query blocks instead of storing them).",
+        "backward recomputes attention probabilities in query blocks instead of storing them); auto: chunked "
+        "on CPU (measured faster there), xla elsewhere.",
         group="Memory and speed",
         backends=("jax",),
     )

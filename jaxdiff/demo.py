@@ -6,15 +6,20 @@ trains with ``configs/demo.yaml``. The tokenizer and the shapes dataset are also
 
 import argparse
 import csv
+import dataclasses
 import io
 import itertools
 import json
 import math
+import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from PIL import Image, ImageDraw
+
+if TYPE_CHECKING:
+    from jaxdiff.models.autoencoder_kl import AutoencoderKL
 
 # ---------------------------------------------------------------------------------------------------------
 # A tiny CLIP BPE tokenizer: the layout of an SD repository's `tokenizer/` folder, from a small vocabulary.
@@ -161,6 +166,32 @@ def shape_samples(num_samples: int = NUM_SAMPLES, size: tuple[int, int] = IMAGE_
     return samples
 
 
+#: The demo's (and benchmarks/prompt_following.py's) prompts: every caption of `prompt_samples`.
+PROMPT_COLOURS = ("red", "blue")
+PROMPT_SHAPES = ("circle", "square")
+PROMPT_SIZE = (32, 32)
+
+
+def prompt_images(num_samples: int = 64) -> list[tuple[Image.Image, str]]:
+    """`num_samples` (image, caption) pairs: one red or blue circle or square on white, 32 px, captioned
+    "a {colour} {shape}"; every (colour, shape) equally often, at 8 horizontal positions 2 px apart."""
+    combos = [(c, s) for s in PROMPT_SHAPES for c in PROMPT_COLOURS]
+    samples = []
+    for i in range(num_samples):
+        colour, shape = combos[i % len(combos)]
+        offset = 3 * ((i // len(combos)) % 8) - 9  # in shape_image's 48 px units: -6 to +8 px at 32 px
+        image = shape_image(colour, shape, "white", offset=offset, size=PROMPT_SIZE)
+        samples.append((image, f"a {colour} {shape}"))
+    return samples
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    """``image`` encoded as PNG."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
 def write_imagefolder(root: Path, samples: list[tuple[bytes, str]], metadata: str = "jsonl") -> Path:
     """An imagefolder as diffusers' guides describe: images plus metadata.jsonl or metadata.csv
     (`file_name` + `text`)."""
@@ -185,6 +216,7 @@ def write_imagefolder(root: Path, samples: list[tuple[bytes, str]], metadata: st
 # ---------------------------------------------------------------------------------------------------------
 
 DEMO_MAX_LENGTH = 16
+VAE_FIT_STEPS = 150
 DEMO_UNET = {
     "sample_size": 16,
     "in_channels": 4,
@@ -221,6 +253,52 @@ DEMO_SCHEDULER = {
 }
 
 
+def fit_vae(
+    vae: "AutoencoderKL",
+    images: Sequence[Image.Image],
+    *,
+    steps: int = VAE_FIT_STEPS,
+    batch_size: int = 16,
+    learning_rate: float = 2e-3,
+    kl_weight: float = 1e-4,
+    seed: int = 0,
+) -> float:
+    """Fits ``vae`` in place to reconstruct ``images`` (same-sized RGB) and returns its latent scaling factor.
+
+    A random VAE decodes even perfect latents to noise, so a tiny pipeline only shows what its UNet learnt once
+    its VAE reconstructs the data. The loss is SD's VAE objective without the perceptual and GAN terms: mean
+    squared error through a posterior draw plus a small KL term. The scaling factor is 1 / std of the latents'
+    means over ``images``, as SD chose 0.18215 for its VAE, so the UNet sees latents of unit variance.
+    """
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import optax
+    from flax import nnx
+
+    pixels = jnp.asarray(np.stack([np.asarray(im.convert("RGB"), np.float32) / 127.5 - 1 for im in images]))
+    pixels = pixels.transpose(0, 3, 1, 2)
+    optimizer = nnx.Optimizer(vae, optax.adam(learning_rate), wrt=nnx.Param)
+
+    @nnx.jit
+    def step(vae: "AutoencoderKL", optimizer: nnx.Optimizer, x: jax.Array, rng: jax.Array) -> None:
+        def loss_fn(vae: "AutoencoderKL") -> jax.Array:
+            posterior = vae.encode(x).latent_dist
+            reconstruction = vae.decode(posterior.sample(rng)).sample
+            kl = 0.5 * jnp.mean(posterior.mean**2 + posterior.var - 1.0 - posterior.logvar)
+            return jnp.mean((reconstruction - x) ** 2) + kl_weight * kl
+
+        optimizer.update(vae, nnx.grad(loss_fn)(vae))
+
+    order = np.random.default_rng(seed)
+    key = jax.random.PRNGKey(seed)
+    batch_size = min(batch_size, len(images))
+    for i in range(steps):
+        step(vae, optimizer, pixels[order.choice(len(images), batch_size, replace=False)], jax.random.fold_in(key, i))
+    means = jax.jit(lambda x: vae.encode(x).latent_dist.mean)(pixels)
+    return float(1.0 / jnp.std(means))
+
+
 def build_tiny_sd_pipeline(
     path: Path,
     seed: int = 0,
@@ -229,11 +307,13 @@ def build_tiny_sd_pipeline(
     vae: dict[str, Any] = DEMO_VAE,
     text: dict[str, Any] | None = None,
     max_length: int = DEMO_MAX_LENGTH,
+    vae_train_images: Sequence[Image.Image] | None = None,
 ) -> Path:
     """A randomly initialised, SD 1.x-shaped pipeline folder that diffusers' StableDiffusionPipeline loads.
 
     ``unet``/``vae`` are diffusers config dicts; ``text`` overrides the CLIP text config (the token ids always
-    come from the tiny tokenizer).
+    come from the tiny tokenizer). With ``vae_train_images`` the VAE is first fitted to them (`fit_vae`), so the
+    pipeline's decoded samples look like its training data; otherwise every model stays random.
     """
     from flax import nnx
 
@@ -259,7 +339,11 @@ def build_tiny_sd_pipeline(
     rngs = nnx.Rngs(seed)
     CLIPTextModel.from_config(text_config, rngs=rngs).save_pretrained(path / "text_encoder")
     UNet2DConditionModel.from_config(unet, rngs=rngs).save_pretrained(path / "unet")
-    AutoencoderKL.from_config(vae, rngs=rngs).save_pretrained(path / "vae")
+    autoencoder = AutoencoderKL.from_config(vae, rngs=rngs)
+    if vae_train_images is not None:
+        scaling_factor = fit_vae(autoencoder, vae_train_images, seed=seed)
+        autoencoder.config = dataclasses.replace(autoencoder.config, scaling_factor=scaling_factor)
+    autoencoder.save_pretrained(path / "vae")
     (path / "scheduler").mkdir(exist_ok=True)
     (path / "scheduler" / "scheduler_config.json").write_text(json.dumps(DEMO_SCHEDULER, indent=2))
     index = {
@@ -278,13 +362,43 @@ def build_tiny_sd_pipeline(
 
 
 def build_demo(root: Path) -> tuple[Path, Path]:
-    """The demo's pipeline and dataset under ``root``, built once; returns (model folder, data folder)."""
+    """The demo's pipeline (its VAE fitted to the data) and dataset under ``root``, built once; returns (model
+    folder, data folder)."""
     model, data = root / "tiny-sd", root / "shapes"
+    samples = prompt_images()
     if not (model / "model_index.json").is_file():
-        build_tiny_sd_pipeline(model)
+        build_tiny_sd_pipeline(model, vae_train_images=[image for image, _ in samples])
     if not (data / "metadata.jsonl").is_file():
-        write_imagefolder(data, shape_samples(48), "jsonl")
+        write_imagefolder(data, [(png_bytes(image), caption) for image, caption in samples], "jsonl")
     return model, data
+
+
+def progress_grid(samples_dir: Path, since: float = 0.0, scale: int = 2) -> Image.Image:
+    """One picture of training: a row per validation step, a column per prompt, from the grids in ``samples_dir``
+    written after time ``since`` (`metrics.save_validation_images` names them ``step-<step>_<index>_<slug>.png``)."""
+    from PIL import ImageFont
+
+    rows: dict[int, list[Path]] = {}
+    for path in sorted(p for p in samples_dir.glob("step-*_*_*.png") if p.stat().st_mtime >= since):
+        rows.setdefault(int(path.name.split("_")[0].removeprefix("step-")), []).append(path)
+    if not rows:
+        raise FileNotFoundError(f"no validation samples in {samples_dir}")
+    prompts = [path.stem.split("_", 2)[2].replace("-", " ") for path in rows[max(rows)]]
+    cell = Image.open(rows[max(rows)][0]).size
+    cell = (cell[0] * scale, cell[1] * scale)
+    font = ImageFont.load_default()
+    margin, header, gap = 72, 18, 4
+    grid = Image.new("RGB", (margin + len(prompts) * (cell[0] + gap), header + len(rows) * (cell[1] + gap)), "white")
+    draw = ImageDraw.Draw(grid)
+    for col, prompt in enumerate(prompts):
+        draw.text((margin + col * (cell[0] + gap), 2), prompt, fill="black", font=font)
+    for row, (step, paths) in enumerate(sorted(rows.items())):
+        top = header + row * (cell[1] + gap)
+        draw.text((4, top + cell[1] // 2 - 6), f"step {step}", fill="black", font=font)
+        for col, path in enumerate(paths):
+            image = Image.open(path).convert("RGB").resize(cell, Image.Resampling.NEAREST)
+            grid.paste(image, (margin + col * (cell[0] + gap), top))
+    return grid
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -292,15 +406,29 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m jaxdiff.demo", description=main.__doc__)
     parser.add_argument("--root", type=Path, default=Path("demo"), help="Where the demo model and data live.")
     args, train_flags = parser.parse_known_args(argv)
-    config = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
-    if not config.is_file():
-        parser.error(f"{config} not found: run the demo from a source checkout (pip install -e .)")
-    model, data = build_demo(args.root)
-    print(f"demo model: {model}\ndemo data:  {data}")
-    from jaxdiff import train
+    config_file = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+    if not config_file.is_file():
+        parser.error(f"{config_file} not found: run the demo from a source checkout (pip install -e .)")
+    model, data = args.root / "tiny-sd", args.root / "shapes"
+    flags = ["--config", str(config_file), "--pretrained_model_name_or_path", str(model), "--train_data_dir"]
+    flags += [str(data), *train_flags]
+    from jaxdiff import cli, cpu_devices, train
 
-    flags = ["--config", str(config), "--pretrained_model_name_or_path", str(model), "--train_data_dir", str(data)]
-    train.main([*flags, *train_flags])
+    try:
+        config, _ = cli.parse_args(flags)
+    except cli.ConfigError as err:
+        cli.exit_with(err)
+    if config.backend == "jax":
+        cpu_devices.split_host(config)  # before building the demo starts jax
+    print(f"building the demo model and data under {args.root} (once)", flush=True)
+    build_demo(args.root)
+    started = time.time()
+    train.main(flags)
+    samples = Path(config.output_dir) / "samples"
+    if samples.is_dir() and any(p.stat().st_mtime >= started for p in samples.glob("step-*.png")):
+        progress = Path(config.output_dir) / "progress.png"
+        progress_grid(samples, since=started).save(progress)
+        print(f"samples over training: {progress}")
 
 
 if __name__ == "__main__":

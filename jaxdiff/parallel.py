@@ -13,6 +13,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from jaxdiff import cpu_devices
 from jaxdiff.cli import ConfigError
 from jaxdiff.config import MESH_PATTERN
 
@@ -56,9 +57,12 @@ def make_mesh(spec: str | None, devices: list[jax.Device] | None = None) -> Mesh
 
 
 def global_batch_size(train_batch_size: int, requested_global: int | None, mesh: Mesh) -> int:
-    """The global batch: train_batch_size per device, or the requested global size if it divides evenly."""
+    """The global batch: train_batch_size per device (per host on a CPU host jaxdiff split into one device per
+    core, see `jaxdiff.cpu_devices`), or the requested global size if it divides evenly."""
     if requested_global is None:
-        return train_batch_size * mesh.size
+        if not cpu_devices.split_count():
+            return train_batch_size * mesh.size
+        requested_global = train_batch_size * jax.process_count()
     if requested_global % mesh.size:
         raise ConfigError(
             f"--global_batch_size={requested_global} does not divide over the {mesh.size} devices of mesh "

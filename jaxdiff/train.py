@@ -3,6 +3,7 @@
 import logging
 from collections.abc import Callable, Sequence
 
+from jaxdiff import cpu_devices
 from jaxdiff.cli import ConfigError, exit_with, parse_args, resolve, to_yaml
 from jaxdiff.config import TrainConfig
 
@@ -26,6 +27,8 @@ def _backend(name: str) -> tuple[dict[str, object], Callable[[TrainConfig], None
 
 def run(config: TrainConfig) -> None:
     """Train with the configured backend and task."""
+    if config.backend == "jax":
+        cpu_devices.split_host(config)  # before jax starts
     tasks, train = _backend(config.backend)
     if config.task not in tasks:
         raise ConfigError(

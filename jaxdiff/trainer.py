@@ -17,7 +17,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from PIL import Image
 
-from jaxdiff import cli, optim, parallel, run
+from jaxdiff import cli, cpu_devices, optim, parallel, run
 from jaxdiff.checkpoint import Checkpointer, PreemptionGuard, resolve_resume
 from jaxdiff.config import TrainConfig
 from jaxdiff.data import make_train_iterator, specs_from_config
@@ -118,6 +118,12 @@ class Trainer:
         # Mesh and batch.
         self.mesh = parallel.make_mesh(config.mesh)
         self.batch_size = parallel.global_batch_size(config.train_batch_size, config.global_batch_size, self.mesh)
+        if cpu_devices.split_count():
+            log.info(
+                "CPU host: %d XLA devices, one per core; each step's batch of %d is split over them",
+                self.mesh.size,
+                self.batch_size,
+            )
         self.accum = config.gradient_accumulation_steps
 
         # Task: models, loss, sampler.

@@ -5,6 +5,7 @@ loss, and the validation sampler. The trainer owns everything else.
 """
 
 import json
+import logging
 from pathlib import Path
 
 import jax
@@ -17,11 +18,14 @@ from jaxdiff import diffusion
 from jaxdiff.config import TrainConfig
 from jaxdiff.data import fingerprint_files
 from jaxdiff.data.fingerprint import hash_json
+from jaxdiff.models import nn
 from jaxdiff.models.autoencoder_kl import AutoencoderKL
 from jaxdiff.models.clip import CLIPTextModel
 from jaxdiff.models.unet_2d_condition import UNet2DConditionModel
 from jaxdiff.objective import TextToImageRoles
 from jaxdiff.weights import read_config, resolve_folder
+
+log = logging.getLogger("jaxdiff")
 
 COMPUTE_DTYPES = {"no": jnp.float32, "bf16": jnp.bfloat16, "fp16": jnp.float16}
 
@@ -40,7 +44,8 @@ class TextToImage(TextToImageRoles):
         self.model_path = root
         compute = COMPUTE_DTYPES[config.mixed_precision]
         load = {"variant": config.variant, "allow_pickle": config.allow_pickled_weights}
-        runtime = {"attention_impl": config.attention_implementation}
+        runtime = {"attention_impl": nn.resolve_attention(config.attention_implementation)}
+        log.info("attention implementation: %s", runtime["attention_impl"])
         self.tokenizer = CLIPTokenizer.from_pretrained(root / "tokenizer")
         self.unet = UNet2DConditionModel.from_pretrained(
             root, "unet", dtype=compute, gradient_checkpointing=config.gradient_checkpointing, **load, **runtime
