@@ -35,6 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import datasets
@@ -205,9 +206,20 @@ def train_diffusers(model: Path, data: Path, out: Path, seed: int, args: argpars
     return statistics.fmean(losses[-100:])
 
 
-def train_jaxdiff(backend: str, model: Path, data: Path, out: Path, seed: int, args: argparse.Namespace) -> float:
-    """Trains with ``python -m jaxdiff.train --backend {backend}`` into ``out`` (log: ``out``/../train.log); returns
-    the mean loss of the last 100 steps from its metrics.jsonl. Exits with the log's tail if training fails."""
+def train_jaxdiff(
+    backend: str,
+    model: Path,
+    data: Path,
+    out: Path,
+    seed: int,
+    args: argparse.Namespace,
+    *,
+    extra_flags: Sequence[str] = ("--cache_latents",),
+    env: dict[str, str] | None = None,
+) -> float:
+    """Trains with ``python -m jaxdiff.train --backend {backend}`` (plus ``extra_flags``, in ``env``) into ``out``
+    (log: ``out``/../train.log); returns the mean loss of the last 100 steps from its metrics.jsonl. Exits with the
+    log's tail if training fails."""
     flags = {
         "backend": backend,
         "pretrained_model_name_or_path": model,
@@ -233,11 +245,11 @@ def train_jaxdiff(backend: str, model: Path, data: Path, out: Path, seed: int, a
         "logging_steps": 100,
         "report_to": "none",
     }
-    command = [sys.executable, "-m", "jaxdiff.train", "--center_crop", "--random_flip", "--cache_latents"]
+    command = [sys.executable, "-m", "jaxdiff.train", "--center_crop", "--random_flip", *extra_flags]
     command += [item for name, value in flags.items() for item in (f"--{name}", str(value))]
     log = out.parent / "train.log"
     with open(log, "w") as f:
-        code = subprocess.run(command, stdout=f, stderr=subprocess.STDOUT).returncode
+        code = subprocess.run(command, stdout=f, stderr=subprocess.STDOUT, env=env).returncode
     if code != 0:
         print("".join(log.read_text().splitlines(keepends=True)[-40:]), file=sys.stderr)
         raise SystemExit(f"{backend} training failed with exit code {code}; full log: {log}")

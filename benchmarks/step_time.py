@@ -21,11 +21,19 @@ is imported) and its default mesh puts them all on the data axis: the batch is s
 splits it over its chips. ``XLA_FLAGS=--xla_force_host_platform_device_count=1 python benchmarks/step_time.py``
 times a single device instead.
 
+``python benchmarks/step_time.py --tiny_run [--tiny_steps 1200] [--tiny_no_cache] [--tiny_jax_flag=...]`` times
+whole runs instead, as a user starts them: ``python -m jaxdiff.train`` on both backends with the tiny pipeline and
+hyperparameters of ``benchmarks/prompt_following.py``, and prints the wall-time ratio JAX / torch backend (target
+<= 1.25) with each run's steady step time and time outside the loop. The JAX run picks its CPU devices itself
+(``jaxdiff.cpu_devices``); ``XLA_FLAGS=--xla_force_host_platform_device_count=1`` and
+``--tiny_jax_flag=--attention_implementation=xla`` reproduce the earlier defaults.
+
 With a GPU visible to both JAX and torch (``--device-kind auto``), the UNet is SD 1.5's at 512 px (64x64
 latents) in bf16, and the UNet model-FLOPs utilization is printed too (2.35 TFLOP per 512 px image per step).
 """
 
 import argparse
+import json
 import logging
 import os
 import statistics
@@ -37,6 +45,8 @@ from pathlib import Path
 # per core. XLA:CPU parallelizes a single device's ops poorly over two cores; torch's oneDNN kernels do it well
 # (measured: VAE encode on 2 cores, 1 device 574 ms, 2 devices 309 ms, torch 415 ms). The flag only adds host CPU
 # devices: on a GPU, jax's default devices (and so the mesh) stay the GPUs.
+# --tiny_run's training processes get the user's XLA_FLAGS: jaxdiff chooses their CPU devices itself.
+os.environ["STEP_TIME_USER_XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (
         os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={os.cpu_count() or 1}"
@@ -238,6 +248,46 @@ def timed(fn) -> float:
     return time.perf_counter() - start
 
 
+def tiny_runs(args: argparse.Namespace) -> None:
+    """Whole runs of prompt_following.py's tiny config as a user starts them (`python -m jaxdiff.train`), on both
+    backends, alternating: wall time, steady step time from metrics.jsonl, and the time outside the loop (start-up,
+    model loading, latent cache, compile, export)."""
+    import prompt_following
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        model, data, _, _ = prompt_following.build_data(root)
+        hyper = argparse.Namespace(
+            batch_size=16, steps=args.tiny_steps, learning_rate=1e-3, proportion_empty_prompts=0
+        )
+        env = {**os.environ, "XLA_FLAGS": os.environ["STEP_TIME_USER_XLA_FLAGS"]}
+        extra = {"torch": [], "jax": list(args.tiny_jax_flag)}
+        results: dict[str, list[tuple[float, float]]] = {"torch": [], "jax": []}
+        for round_index in range(args.tiny_rounds):
+            for backend in ("torch", "jax"):
+                out = root / f"{backend}-{round_index}" / "pipeline"
+                out.parent.mkdir()
+                flags = [*extra[backend], *([] if args.tiny_no_cache else ["--cache_latents"])]
+                start = time.perf_counter()
+                prompt_following.train_jaxdiff(backend, model, data, out, 0, hyper, extra_flags=flags, env=env)
+                wall = time.perf_counter() - start
+                rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+                step_s = statistics.median(row["step_time_s"] for row in rows[len(rows) // 4 :])
+                results[backend].append((wall, step_s))
+                print(f"{backend:<6} run {round_index}: {wall:.1f} s wall, {1000 * step_s:.1f} ms/step", flush=True)
+    print(f"\n{args.tiny_steps} steps, batch 16, 32 px, {'no ' if args.tiny_no_cache else ''}latent cache")
+    for backend, runs in results.items():
+        wall = statistics.median(w for w, _ in runs)
+        step = statistics.median(s for _, s in runs)
+        print(
+            f"{backend:<6} wall {wall:7.1f} s   steady {1000 * step:6.1f} ms/step   outside the loop "
+            f"{wall - args.tiny_steps * step:5.1f} s"
+        )
+    ratio = statistics.median(j[0] / t[0] for j, t in zip(results["jax"], results["torch"], strict=True))
+    verdict = "meets" if ratio <= CPU_TARGET else "misses"
+    print(f"wall-time ratio jax / torch backend: {ratio:.3f} (target <= {CPU_TARGET}: {verdict} it)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=20, help="Timed steps (rounds) of each framework.")
@@ -259,8 +309,22 @@ def main() -> None:
         default=None,
         help="jaxdiff's --mesh. Default: every device on the data axis (on CPU, one device per core).",
     )
+    parser.add_argument(
+        "--tiny_run",
+        action="store_true",
+        help="Instead: time whole training runs of benchmarks/prompt_following.py's tiny pipeline, both backends.",
+    )
+    parser.add_argument("--tiny_steps", type=int, default=1200, help="--tiny_run: optimizer steps per run.")
+    parser.add_argument("--tiny_rounds", type=int, default=1, help="--tiny_run: runs per backend, alternating.")
+    parser.add_argument("--tiny_no_cache", action="store_true", help="--tiny_run: encode with the VAE every step.")
+    parser.add_argument(
+        "--tiny_jax_flag", action="append", default=[], help="--tiny_run: extra flag of the JAX run (repeatable)."
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    if args.tiny_run:
+        tiny_runs(args)
+        return
 
     gpu = detect_gpu(args.device_kind)
     args.batch_size = args.batch_size or (16 if gpu else 4)
