@@ -166,7 +166,7 @@ def shape_samples(num_samples: int = NUM_SAMPLES, size: tuple[int, int] = IMAGE_
     return samples
 
 
-#: The demo's (and benchmarks/prompt_following.py's) prompts: every caption of `prompt_samples`.
+#: The demo's (and benchmarks/prompt_following.py's) prompts: every caption of `prompt_images`.
 PROMPT_COLOURS = ("red", "blue")
 PROMPT_SHAPES = ("circle", "square")
 PROMPT_SIZE = (32, 32)
@@ -424,11 +424,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     build_demo(args.root)
     started = time.time()
     train.main(flags)
-    samples = Path(config.output_dir) / "samples"
-    if samples.is_dir() and any(p.stat().st_mtime >= started for p in samples.glob("step-*.png")):
-        progress = Path(config.output_dir) / "progress.png"
-        progress_grid(samples, since=started).save(progress)
-        print(f"samples over training: {progress}")
+    try:
+        grid = progress_grid(Path(config.output_dir) / "samples", since=started)
+    except FileNotFoundError:  # no validation prompts, or no validation step in this run
+        return
+    progress = Path(config.output_dir) / "progress.png"
+    grid.save(progress)
+    print(f"samples over training: {progress}")
 
 
 if __name__ == "__main__":

@@ -4,7 +4,6 @@ Axis ``data`` carries data parallelism; axis ``fsdp`` shards parameters, optimiz
 (FSDP-style). The global batch is split over all devices of both axes.
 """
 
-import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -28,8 +27,7 @@ FSDP_PREFERENCE: tuple[str, ...] = ("out", "vocab", "in", "embed")
 
 def maybe_initialize_distributed() -> None:
     """Join the multi-host job when launched as one (TPU pod slice, or an explicit coordinator)."""
-    hosts = [h for h in os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]
-    if os.environ.get("JAX_COORDINATOR_ADDRESS") or len(hosts) > 1:
+    if cpu_devices.launched_multi_process():
         jax.distributed.initialize()
 
 
