@@ -105,6 +105,99 @@ def train_state_shardings(tx: optax.GradientTransformation, params: Any, mesh: M
     return shardings
 
 
+def load_pretrained(task: Any, models: dict[str, nnx.Module], shardings: dict) -> dict[str, nnx.State]:
+    """Fills the (abstract) ``models`` in place with the task's pretrained weights, each tensor read from its
+    file straight into its sharded device array; returns their parameters."""
+    for name, module in models.items():
+        task.pretrained[name].load_into(module, shardings[name])
+    return {name: nnx.state(module, nnx.Param) for name, module in models.items()}
+
+
+class TrainProgram:
+    """What gets compiled, built from abstract shapes alone: optimizer, state shardings, train step, sampler.
+
+    ``step_fn(state, frozen, batch) -> (state, metrics)`` and ``sample_fn`` are jitted over ``mesh``; lowering
+    ``step_fn`` with ``abstract_state``, ``abstract_frozen`` and ``task.abstract_batch(...)`` compiles the run's
+    step without any weights (``benchmarks/tpu_compile.py`` does so for TPU topologies).
+    """
+
+    def __init__(self, config: TrainConfig, task: Any, mesh: Mesh, *, batch_size: int, total_steps: int) -> None:
+        self.config, self.task, self.mesh = config, task, mesh
+        self.batch_size, self.accum = batch_size, config.gradient_accumulation_steps
+        self.trainable_defs, params, self.trainable_rest = _split(task.trainable)
+        self.frozen_defs, frozen, self.frozen_rest = _split(task.frozen)
+        params, frozen = jax.eval_shape(lambda: (params, frozen))
+        self.schedule, self.tx = make_optimizer(
+            config, total_steps=total_steps, per_device_batch=batch_size // mesh.size, num_devices=mesh.size
+        )
+        self.frozen_shardings = parallel.state_shardings(frozen, mesh)
+        self.state_shardings = train_state_shardings(self.tx, params, mesh, use_ema=config.use_ema)
+        self.abstract_frozen = _with_shardings(frozen, self.frozen_shardings)
+        self.abstract_state = _with_shardings(
+            jax.eval_shape(lambda p: init_train_state(p, self.tx, seed=0, use_ema=config.use_ema), params),
+            self.state_shardings,
+        )
+        self.batch_sharding = parallel.batch_sharding(mesh)
+        self.step_fn = jax.jit(
+            self._train_step,
+            in_shardings=(self.state_shardings, self.frozen_shardings, self.batch_sharding),
+            out_shardings=(self.state_shardings, None),
+            donate_argnums=(0,),
+        )
+        self.sample_fn = jax.jit(lambda params, frozen, ids, rng: task.sample(self.models(params, frozen), ids, rng))
+
+    def init_state(self, params: dict) -> dict:
+        """The train state from the (sharded) pretrained parameters, whose buffers it takes over (donated)."""
+        cfg = self.config
+        return jax.jit(
+            lambda p: init_train_state(p, self.tx, seed=cfg.seed, use_ema=cfg.use_ema),
+            in_shardings=(self.state_shardings["params"],),
+            out_shardings=self.state_shardings,
+            donate_argnums=0,
+        )(params)
+
+    def models(self, params: dict, frozen: dict) -> dict[str, nnx.Module]:
+        """The task's modules holding ``params`` (trained) and ``frozen``."""
+        models = {n: nnx.merge(self.trainable_defs[n], params[n], self.trainable_rest[n]) for n in params}
+        models.update({n: nnx.merge(self.frozen_defs[n], frozen[n], self.frozen_rest[n]) for n in frozen})
+        return models
+
+    def _train_step(self, state: dict, frozen: dict, batch: dict) -> tuple[dict, dict]:
+        cfg = self.config
+        step = state["step"]
+        batch = dict(batch)
+        randoms = batch.pop(HOST_RANDOMS, None)
+        if randoms is None:
+            randoms = self.task.draw(jax.random.fold_in(state["rng"], step), self.batch_size * self.accum)
+
+        def loss_and_grad(params: dict, micro: tuple[dict, dict]) -> tuple[jax.Array, dict]:
+            micro_batch, micro_randoms = micro
+            return jax.value_and_grad(lambda p: self.task.loss(self.models(p, frozen), micro_batch, micro_randoms))(
+                params
+            )
+
+        micro = optim.split_micro_batches((batch, randoms), self.accum)
+        loss, grads = optim.accumulate_gradients(loss_and_grad, state["params"], micro)
+        updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
+        new = dict(state, params=optax.apply_updates(state["params"], updates), opt_state=opt_state, step=step + 1)
+        if cfg.use_ema:
+            decay = optim.ema_decay(
+                step + 1,
+                max_decay=cfg.ema_decay or run.EMA_DEFAULT_DECAY,
+                use_warmup=cfg.ema_use_warmup,
+                inv_gamma=cfg.ema_inv_gamma,
+                power=cfg.ema_power,
+            )
+            new["ema_params"] = optim.ema_update(state["ema_params"], new["params"], decay)
+        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "lr": self.schedule(step)}
+        return new, metrics
+
+
+def _with_shardings(tree: Any, shardings: Any) -> Any:
+    """``jax.ShapeDtypeStruct`` leaves of ``tree`` carrying the matching ``shardings``."""
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
 class Trainer:
     """Builds everything a run needs from the config; `train()` runs it."""
 
@@ -126,10 +219,11 @@ class Trainer:
             )
         self.accum = config.gradient_accumulation_steps
 
-        # Task: models, loss, sampler.
+        # Task: models (abstract: configs read, no weights yet), loss, sampler.
         self.task = TASKS[config.task](config)
-        self.trainable_defs, params, self.trainable_rest = _split(self.task.trainable)
-        self.frozen_defs, frozen_params, self.frozen_rest = _split(self.task.frozen)
+        self.frozen = load_pretrained(
+            self.task, self.task.frozen, parallel.state_shardings(_split(self.task.frozen)[1], self.mesh)
+        )
 
         # Input: each optimizer step consumes `accum` micro-batches, delivered as one batch.
         source, transform, loader = specs_from_config(config, self.batch_size * self.accum)
@@ -137,70 +231,35 @@ class Trainer:
         self.data = make_train_iterator(source, transform, loader, self.task.tokenizers, latent_cache=cache)
         self.max_steps = run.max_train_steps(config, self.data.samples_per_epoch, self.batch_size * self.accum)
 
-        # Optimizer and schedule.
-        self.schedule, self.tx = make_optimizer(
-            config,
-            total_steps=self.max_steps,
-            per_device_batch=self.batch_size // self.mesh.size,
-            num_devices=self.mesh.size,
+        # Optimizer, shardings and the compiled step; then the state: from a checkpoint, else from the pretrained
+        # weights (never both, so only one copy of the state is ever on the devices).
+        self.program = TrainProgram(
+            config, self.task, self.mesh, batch_size=self.batch_size, total_steps=self.max_steps
         )
-
-        # Sharded state: parameters, optimizer state and EMA over the fsdp axis; the step and RNG replicated.
-        self.frozen_shardings = parallel.state_shardings(frozen_params, self.mesh)
-        self.frozen = jax.device_put(frozen_params, self.frozen_shardings)
-        self.state_shardings = train_state_shardings(self.tx, params, self.mesh, use_ema=config.use_ema)
-        self.state = jax.jit(
-            lambda p: init_train_state(p, self.tx, seed=config.seed, use_ema=config.use_ema),
-            out_shardings=self.state_shardings,
-            donate_argnums=0,
-        )(jax.device_put(params, self.state_shardings["params"]))
-        self.batch_sharding = parallel.batch_sharding(self.mesh)
-        self._step_fn = jax.jit(
-            self._train_step,
-            in_shardings=(self.state_shardings, self.frozen_shardings, self.batch_sharding),
-            out_shardings=(self.state_shardings, None),
-            donate_argnums=(0,),
+        self.checkpointer = Checkpointer(
+            self.out / "checkpoints",
+            save_interval_steps=config.checkpointing_steps,
+            max_to_keep=config.checkpoints_total_limit,
         )
-        self._sample_fn = jax.jit(
-            lambda params, frozen, ids, rng: self.task.sample(self._models(params, frozen), ids, rng)
-        )
-
-    # ---- the compiled step -------------------------------------------------------------------------------
+        resume = resolve_resume(config.resume_from_checkpoint, self.out / "checkpoints")
+        if resume is None:
+            log.info("starting from the pretrained weights (no checkpoint to resume from)")
+            trainable = {name: nnx.clone(module) for name, module in self.task.trainable.items()}
+            self.state = self.program.init_state(
+                load_pretrained(self.task, trainable, self.program.state_shardings["params"])
+            )
+            self.start_step = 0
+        else:
+            path, self.start_step = resume
+            self.state, data_state = self.checkpointer.restore(
+                self.start_step, self.program.abstract_state, directory=path.parent
+            )
+            self.data.set_state(data_state)
+            log.info("resumed from step %d", self.start_step)
+        self.batch_sharding = self.program.batch_sharding
 
     def _models(self, params: dict, frozen: dict) -> dict[str, nnx.Module]:
-        models = {n: nnx.merge(self.trainable_defs[n], params[n], self.trainable_rest[n]) for n in params}
-        models.update({n: nnx.merge(self.frozen_defs[n], frozen[n], self.frozen_rest[n]) for n in frozen})
-        return models
-
-    def _train_step(self, state: dict, frozen: dict, batch: dict) -> tuple[dict, dict]:
-        cfg = self.config
-        step = state["step"]
-        batch = dict(batch)
-        randoms = batch.pop(HOST_RANDOMS, None)
-        if randoms is None:
-            randoms = self.task.draw(jax.random.fold_in(state["rng"], step), self.batch_size * self.accum)
-
-        def loss_and_grad(params: dict, micro: tuple[dict, dict]) -> tuple[jax.Array, dict]:
-            micro_batch, micro_randoms = micro
-            return jax.value_and_grad(lambda p: self.task.loss(self._models(p, frozen), micro_batch, micro_randoms))(
-                params
-            )
-
-        micro = optim.split_micro_batches((batch, randoms), self.accum)
-        loss, grads = optim.accumulate_gradients(loss_and_grad, state["params"], micro)
-        updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
-        new = dict(state, params=optax.apply_updates(state["params"], updates), opt_state=opt_state, step=step + 1)
-        if cfg.use_ema:
-            decay = optim.ema_decay(
-                step + 1,
-                max_decay=cfg.ema_decay or run.EMA_DEFAULT_DECAY,
-                use_warmup=cfg.ema_use_warmup,
-                inv_gamma=cfg.ema_inv_gamma,
-                power=cfg.ema_power,
-            )
-            new["ema_params"] = optim.ema_update(state["ema_params"], new["params"], decay)
-        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "lr": self.schedule(step)}
-        return new, metrics
+        return self.program.models(params, frozen)
 
     def host_batch(self, step: int) -> dict[str, Any]:
         """This host's next batch; with ``--random_source host``, also the step's randoms (its rows of them)."""
@@ -232,7 +291,7 @@ class Trainer:
         grids = []
         for i, prompt in enumerate(prompts):
             ids = self.task.tokenize([prompt] * cfg.num_validation_images)
-            images = self._sample_fn(self._params_for_eval(), self.frozen, ids, jax.random.fold_in(rng, i))
+            images = self.program.sample_fn(self._params_for_eval(), self.frozen, ids, jax.random.fold_in(rng, i))
             grids.append(np.asarray(images))
         paths = save_validation_images(self.out, step, list(prompts), grids)
         for path in paths:
@@ -256,21 +315,7 @@ class Trainer:
         cfg = self.config
         self.out.mkdir(parents=True, exist_ok=True)
         save_config(self.out, cli.to_yaml(cfg))
-        checkpointer = Checkpointer(
-            self.out / "checkpoints",
-            save_interval_steps=cfg.checkpointing_steps,
-            max_to_keep=cfg.checkpoints_total_limit,
-        )
-        start = 0
-        resume = resolve_resume(cfg.resume_from_checkpoint, self.out / "checkpoints")
-        if resume is None:
-            log.info("starting from the pretrained weights (no checkpoint to resume from)")
-        else:
-            path, start = resume
-            abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), self.state)
-            self.state, data_state = checkpointer.restore(start, abstract, directory=path.parent)
-            self.data.set_state(data_state)
-            log.info("resumed from step %d", start)
+        checkpointer, start = self.checkpointer, self.start_step
         # Leaving this block in any way (end, preemption, error) waits for checkpoints still being written.
         with (
             checkpointer,
@@ -318,7 +363,7 @@ class Trainer:
 
     def compile_step(self, batch: dict[str, jax.Array]) -> Any:
         """Compile the step ahead of time, once, and log what XLA says it needs."""
-        compiled = self._step_fn.lower(self.state, self.frozen, batch).compile()
+        compiled = self.program.step_fn.lower(self.state, self.frozen, batch).compile()
         log.info("compiled train step; memory analysis: %s", compiled.memory_analysis())
         return compiled
 
@@ -352,16 +397,12 @@ def export_trained(task: Any, params: dict, output_dir: Path, dtype: str) -> Non
 
 
 def restore_for_export(config: TrainConfig, checkpoint: Path) -> tuple[Any, dict]:
-    """The task (pretrained models loaded) and the train state saved in ``checkpoint`` (a step folder)."""
+    """The task (models abstract) and the train state saved in ``checkpoint`` (a step folder), on this host's
+    devices."""
     task = TASKS[config.task](config)
-    _, params, _ = _split(task.trainable)
-    mesh = parallel.make_mesh(None)
-    _, tx = make_optimizer(config, total_steps=1, per_device_batch=1, num_devices=1)  # the state's structure
-    shardings = train_state_shardings(tx, params, mesh, use_ema=config.use_ema)
-    abstract = jax.eval_shape(lambda p: init_train_state(p, tx, seed=0, use_ema=config.use_ema), params)
-    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings)
+    program = TrainProgram(config, task, parallel.make_mesh(None), batch_size=jax.device_count(), total_steps=1)
     with Checkpointer(checkpoint.parent, save_interval_steps=1) as checkpointer:
-        state, _ = checkpointer.restore(int(checkpoint.name), abstract, directory=checkpoint.parent)
+        state, _ = checkpointer.restore(int(checkpoint.name), program.abstract_state, directory=checkpoint.parent)
     return task, state
 
 

@@ -117,7 +117,8 @@ def module_to_state_dict(module: nnx.Module) -> dict[str, np.ndarray]:
 def load_state_dict(module: nnx.Module, state_dict: Mapping[str, np.ndarray]) -> None:
     """Fills the module's parameters in place from a torch-named state dict, keeping each parameter's dtype.
 
-    Works on abstract modules (from ``nnx.eval_shape``) as well. Raises ``WeightsMismatchError`` listing every
+    Works on abstract modules (from ``nnx.eval_shape``) as well; an abstract parameter carrying a ``sharding`` is
+    placed shard by shard. Tensors are read and converted one at a time. Raises ``WeightsMismatchError`` listing every
     missing key, unexpected key and shape mismatch. A key the module does not have is renamed by the first rule
     of ``_DEPRECATED_ATTENTION_RENAMES`` or of a module's ``_torch_key_renames`` (``(regex, replacement)`` pairs)
     that gives a key it has, else skipped if it matches a module's ``_ignored_torch_keys`` (regexes), else reported.
@@ -125,9 +126,10 @@ def load_state_dict(module: nnx.Module, state_dict: Mapping[str, np.ndarray]) ->
     params = {key: (param, leaf) for key, param, leaf in _torch_params(module)}
     ignored = [pattern for pattern, _ in _key_rules(module, "_ignored_torch_keys")]
     renames = [(re.compile(p), r) for p, r in _DEPRECATED_ATTENTION_RENAMES] + _key_rules(module, "_torch_key_renames")
-    incoming: dict[str, np.ndarray] = {}
+    incoming: dict[str, str] = {}  # model key -> checkpoint key
     unexpected = []
-    for key, value in state_dict.items():
+    for key in state_dict:
+        source_key = key
         if key not in params:
             candidates = (pattern.sub(repl, key, count=1) for pattern, repl in renames if pattern.match(key))
             renamed = next((new for new in candidates if new in params and new not in state_dict), None)
@@ -138,20 +140,18 @@ def load_state_dict(module: nnx.Module, state_dict: Mapping[str, np.ndarray]) ->
             else:
                 unexpected.append(key)
                 continue
-        incoming[key] = value
+        incoming[key] = source_key
 
     missing = sorted(params.keys() - incoming.keys())
-    converted, mismatched = {}, []
-    for key, value in incoming.items():
+    mismatched = []
+    for key, source_key in incoming.items():
         param, leaf = params[key]
-        array = leaf.from_torch(np.asarray(value))
+        shape = _shape(state_dict, source_key)
+        # Layouts checked on zero-stride stand-ins: no tensor is read, and ``current`` may be abstract.
         current = param.get_value()
-        if array.shape != current.shape:
-            # The model's shape in torch layout, via a zero-stride stand-in (``current`` may be abstract).
+        if leaf.from_torch(np.broadcast_to(np.int8(0), shape)).shape != current.shape:
             torch_shape = leaf.to_torch(np.broadcast_to(np.int8(0), current.shape)).shape
-            mismatched.append(f"{key}: checkpoint {tuple(np.shape(value))}, model {tuple(torch_shape)}")
-        else:
-            converted[key] = array
+            mismatched.append(f"{key}: checkpoint {shape}, model {tuple(torch_shape)}")
     if missing or unexpected or mismatched:
         lines = [f"state dict does not match {type(module).__name__}:"]
         for title, keys in (
@@ -164,10 +164,11 @@ def load_state_dict(module: nnx.Module, state_dict: Mapping[str, np.ndarray]) ->
                 lines += [f"    {k}" for k in keys]
         raise WeightsMismatchError("\n".join(lines))
 
-    for key, array in converted.items():
-        param = params[key][0]
+    for key, source_key in incoming.items():
+        param, leaf = params[key]
         current = param.get_value()
-        value = array.astype(current.dtype)
+        value = leaf.from_torch(np.asarray(state_dict[source_key])).astype(current.dtype)
+        # With a sharding (abstract parameters carry theirs), each device receives only its shard.
         sharding = getattr(current, "sharding", None)
         param.set_value(jax.device_put(value, sharding) if sharding is not None else jnp.asarray(value))
 
@@ -240,17 +241,47 @@ def _torch_load(file: str) -> dict[str, np.ndarray]:
     }
 
 
+class SafetensorsStateDict(Mapping[str, np.ndarray]):
+    """The tensors of safetensors files as a read-only mapping that reads each tensor when it is looked up.
+
+    ``shape(key)`` comes from the file headers, so checking a checkpoint against a model reads no tensor data,
+    and loading holds one tensor at a time on the host.
+    """
+
+    def __init__(self, files: list[str]) -> None:
+        self._handles = [safetensors.safe_open(file, framework="numpy") for file in files]
+        self._where = {key: handle for handle in self._handles for key in handle.keys()}  # noqa: SIM118
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        return self._where[key].get_tensor(key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._where)
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        """The tensor's shape, from the file header."""
+        return tuple(self._where[key].get_slice(key).get_shape())
+
+
+def _shape(state_dict: Mapping[str, Any], key: str) -> tuple[int, ...]:
+    return state_dict.shape(key) if isinstance(state_dict, SafetensorsStateDict) else tuple(np.shape(state_dict[key]))
+
+
 def read_state_dict(
     folder: str | os.PathLike, weights_name: str, *, variant: str | None = None, allow_pickle: bool = False
-) -> dict[str, np.ndarray]:
-    """Reads the weights in a folder as a torch-named state dict of numpy arrays.
+) -> Mapping[str, np.ndarray]:
+    """The weights in a folder as a torch-named state dict of numpy arrays.
 
-    Looks for ``weights_name`` (with ``variant`` inserted), then its sharded ``.index.json``; pickled ``.bin``
-    files are read only with ``allow_pickle=True`` (``torch.load(weights_only=True)``).
+    Looks for ``weights_name`` (with ``variant`` inserted), then its sharded ``.index.json``; safetensors are read
+    lazily (`SafetensorsStateDict`). Pickled ``.bin`` files are read only with ``allow_pickle=True``
+    (``torch.load(weights_only=True)``).
     """
     folder = os.fspath(folder)
     pickled = _PICKLED_NAMES.get(weights_name)
-    formats: list[tuple[str, Callable[[str], dict[str, np.ndarray]]]] = [(weights_name, safetensors.numpy.load_file)]
+    formats: list[tuple[str, Callable[[str], dict[str, np.ndarray]] | None]] = [(weights_name, None)]
     if pickled:
         formats.append((pickled, _torch_load))
     looked_for = []
@@ -268,10 +299,12 @@ def read_state_dict(
                 f"no safetensors weights in {folder} (looked for {looked_for[0]}, {looked_for[1]}); it holds pickled "
                 f"{os.path.basename(files[0])}, which runs code when loaded: pass allow_pickle=True to load it anyway"
             )
-        state_dict: dict[str, np.ndarray] = {}
-        for file in files:
-            state_dict.update(load(file))
-        return state_dict
+        if load is _torch_load:
+            state_dict: dict[str, np.ndarray] = {}
+            for file in files:
+                state_dict.update(load(file))
+            return state_dict
+        return SafetensorsStateDict(files)
     raise ModelFilesNotFoundError(f"no weights in {folder} (looked for {', '.join(looked_for)})")
 
 

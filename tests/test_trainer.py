@@ -1,5 +1,6 @@
 """The JAX trainer end to end on tiny local pipelines and data, on 8 simulated devices."""
 
+import gc
 import json
 import os
 import signal
@@ -7,6 +8,7 @@ import signal
 import jax
 import numpy as np
 import pytest
+from flax import nnx
 from safetensors.numpy import load_file
 
 from jaxdiff import parallel
@@ -311,3 +313,31 @@ def test_host_random_source_feeds_the_step(tmp_path, tiny_sd_path, shapes_datase
     expected = trainer.task.loss(trainer._models(trainer.state["params"], trainer.frozen), data, draws)
     _, step_metrics = trainer.compile_step(batch)(trainer.state, trainer.frozen, batch)
     np.testing.assert_allclose(float(step_metrics["loss"]), float(expected), rtol=1e-5)
+
+
+def test_no_device_holds_an_unsharded_unet_after_start_up(tmp_path, tiny_sd_path, shapes_dataset):
+    from jaxdiff import cli
+    from jaxdiff.models import UNet2DConditionModel
+    from jaxdiff.trainer import Trainer
+
+    argv = [*BASE, "--pretrained_model_name_or_path", str(tiny_sd_path), "--train_data_dir", str(shapes_dataset)]
+    config, _ = cli.parse_args([*argv, "--output_dir", str(tmp_path / "out"), "--mesh", "1x8", "--use_ema"])
+    trainer = Trainer(cli.resolve(config))
+    unet_shapes = {
+        tuple(v.shape)
+        for v in jax.tree.leaves(nnx.state(UNet2DConditionModel.from_pretrained(tiny_sd_path, "unet"), nnx.Param))
+    }
+    unet_bytes = sum(x.nbytes for x in jax.tree.leaves(trainer.state["params"]))
+    gc.collect()
+    live = jax.live_arrays()
+    per_device = {device: 0 for device in jax.devices()}
+    for array in live:
+        for shard in array.addressable_shards:
+            per_device[shard.device] += shard.data.nbytes
+        # Every UNet-shaped array large enough to split 8 ways is split: parameters, Adam moments, EMA.
+        if tuple(array.shape) in unet_shapes and array.size >= 1024:
+            assert not array.sharding.is_fully_replicated, f"unsharded {array.shape} {array.sharding}"
+    # params + two Adam moments + EMA, each an eighth, plus the replicated norms and the frozen models' eighths.
+    assert max(per_device.values()) < unet_bytes, (per_device, unet_bytes)
+    # Balanced: what only one device holds (the noise schedule's small tables) is far below an eighth.
+    assert max(per_device.values()) - min(per_device.values()) < unet_bytes / 8, per_device

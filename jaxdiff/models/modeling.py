@@ -53,6 +53,34 @@ def abstract_model(build: Callable[[nnx.Rngs], M]) -> M:
 
 
 @dataclasses.dataclass(frozen=True)
+class PretrainedWeights:
+    """A model folder's weight files (``weights_name`` with ``variant``) and whether pickled ones may be read."""
+
+    folder: str | os.PathLike
+    weights_name: str
+    variant: str | None = None
+    allow_pickle: bool = False
+
+    def state_dict(self) -> Mapping[str, np.ndarray]:
+        """The torch-named tensors, read lazily from safetensors (see `weights.read_state_dict`)."""
+        return weights.read_state_dict(
+            self.folder, self.weights_name, variant=self.variant, allow_pickle=self.allow_pickle
+        )
+
+    def load_into(self, model: nnx.Module, shardings: Any = None) -> None:
+        """Fills ``model``'s parameters (abstract or not) in place, tensor by tensor.
+
+        ``shardings`` (a tree like ``nnx.state(model, nnx.Param)`` of ``jax.sharding.Sharding``) places each
+        parameter straight into its sharded device array: no device ever holds a whole unsharded copy.
+        """
+        if shardings is not None:
+            params = nnx.state(model, nnx.Param)
+            placed = jax.tree.map(lambda p, s: jax.ShapeDtypeStruct(p.shape, p.dtype, sharding=s), params, shardings)
+            nnx.update(model, placed)
+        weights.load_state_dict(model, self.state_dict())
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """Base of model configs: frozen dataclasses whose fields are the torch library's ``config.json`` keys,
     unchanged (misnomers included) and with the torch class's defaults. Sequences are stored as tuples."""
@@ -139,9 +167,33 @@ class PretrainedModel(nnx.Module):
         Parameters are cast to ``param_dtype``. Raises ``weights.ModelFilesNotFoundError`` when the folder,
         subfolder, config or weights are missing, and ``weights.WeightsMismatchError`` when they do not fit.
         """
+        model, weights_file = cls.abstract_from_pretrained(
+            path, subfolder, dtype=dtype, param_dtype=param_dtype, variant=variant, allow_pickle=allow_pickle, **kwargs
+        )
+        weights_file.load_into(model)
+        return model
+
+    @classmethod
+    def abstract_from_pretrained(
+        cls,
+        path: str | os.PathLike,
+        subfolder: str | None = None,
+        *,
+        dtype: DTypeLike = jnp.float32,
+        param_dtype: DTypeLike = jnp.float32,
+        variant: str | None = None,
+        allow_pickle: bool = False,
+        **kwargs: Any,
+    ) -> tuple[Self, "PretrainedWeights"]:
+        """The model of a folder's ``config.json`` built abstractly (no memory), and where its weights are.
+
+        `PretrainedWeights.load_into` fills it later, e.g. once its parameters carry their shardings. The weight
+        files are located (and checked to exist) now; no tensor is read.
+        """
         folder = weights.resolve_folder(path, subfolder, weights_name=cls.weights_name)
         config = cls._config(weights.read_config(folder))
-        state_dict = weights.read_state_dict(folder, cls.weights_name, variant=variant, allow_pickle=allow_pickle)
+        weights_file = PretrainedWeights(folder, cls.weights_name, variant, allow_pickle)
+        weights_file.state_dict()  # fails now, not after the run is set up, when the weights are missing
 
         def build(rngs: nnx.Rngs) -> Self:
             return cls(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs, **kwargs)
@@ -150,8 +202,7 @@ class PretrainedModel(nnx.Module):
         if jax.tree.leaves(nnx.state(model, nnx.Not(nnx.Param))):
             # Non-parameter state (RNG streams, statistics) is not in checkpoints: compute only that part.
             nnx.update(model, jax.jit(lambda: nnx.state(build(nnx.Rngs(0)), nnx.Not(nnx.Param)))())
-        weights.load_state_dict(model, state_dict)
-        return model
+        return model, weights_file
 
     def save_pretrained(
         self,

@@ -4,6 +4,7 @@ The task owns what is specific to it: which models load and which train, the per
 loss, and the validation sampler. The trainer owns everything else.
 """
 
+import functools
 import json
 import logging
 from pathlib import Path
@@ -21,6 +22,7 @@ from jaxdiff.data.fingerprint import hash_json
 from jaxdiff.models import nn
 from jaxdiff.models.autoencoder_kl import AutoencoderKL
 from jaxdiff.models.clip import CLIPTextModel
+from jaxdiff.models.modeling import PretrainedWeights
 from jaxdiff.models.unet_2d_condition import UNet2DConditionModel
 from jaxdiff.objective import TextToImageRoles
 from jaxdiff.weights import read_config, resolve_folder
@@ -39,6 +41,8 @@ class TextToImage(TextToImageRoles):
     name = "text_to_image"
 
     def __init__(self, config: TrainConfig) -> None:
+        """Reads the pipeline's configs and builds its models abstractly; `pretrained` says where the weights are
+        (the trainer loads them into their sharded arrays)."""
         self.config = config
         root = Path(resolve_folder(config.pretrained_model_name_or_path, weights_name="model_index.json"))
         self.model_path = root
@@ -46,12 +50,12 @@ class TextToImage(TextToImageRoles):
         load = {"variant": config.variant, "allow_pickle": config.allow_pickled_weights}
         runtime = {"attention_impl": nn.resolve_attention(config.attention_implementation)}
         log.info("attention implementation: %s", runtime["attention_impl"])
-        self.tokenizer = CLIPTokenizer.from_pretrained(root / "tokenizer")
-        self.unet = UNet2DConditionModel.from_pretrained(
+        self.pretrained: dict[str, PretrainedWeights] = {}
+        self.unet, self.pretrained["unet"] = UNet2DConditionModel.abstract_from_pretrained(
             root, "unet", dtype=compute, gradient_checkpointing=config.gradient_checkpointing, **load, **runtime
         )
         text_dtype = jnp.float32 if config.train_text_encoder else compute
-        self.text_encoder = CLIPTextModel.from_pretrained(
+        self.text_encoder, self.pretrained["text_encoder"] = CLIPTextModel.abstract_from_pretrained(
             root, "text_encoder", dtype=compute, param_dtype=text_dtype, **load, **runtime
         )
         vae_path, vae_sub = (
@@ -63,7 +67,7 @@ class TextToImage(TextToImageRoles):
         self.frozen_folders = [Path(vae_folder)] + ([] if config.train_text_encoder else [root / "text_encoder"])
         # diffusers keeps a VAE marked force_upcast (SDXL's) in float32 whatever the training precision.
         self.vae_dtype = jnp.float32 if read_config(vae_folder).get("force_upcast", True) else compute
-        self.vae = AutoencoderKL.from_pretrained(
+        self.vae, self.pretrained["vae"] = AutoencoderKL.abstract_from_pretrained(
             vae_folder, dtype=self.vae_dtype, param_dtype=self.vae_dtype, **load, **runtime
         )
         scheduler = json.loads((root / "scheduler" / "scheduler_config.json").read_text())
@@ -73,6 +77,33 @@ class TextToImage(TextToImageRoles):
         self._common(
             self.schedule.num_train_timesteps, self.unet.config.in_channels, len(self.vae.config.block_out_channels)
         )
+
+    @functools.cached_property
+    def tokenizer(self) -> CLIPTokenizer:
+        """The pipeline's tokenizer, read when first needed (compiling a step needs none)."""
+        return CLIPTokenizer.from_pretrained(self.model_path / "tokenizer")
+
+    def abstract_batch(self, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
+        """Shapes and dtypes of a batch of ``batch_size`` as the data pipeline delivers it (images and token ids,
+        or with --cache_latents the cached latent distribution and text states)."""
+        max_length = self.text_encoder.config.max_position_embeddings
+        if not self.config.cache_latents:
+            size = self.config.resolution
+            return {
+                "pixel_values": jax.ShapeDtypeStruct((batch_size, 3, size, size), jnp.float32),
+                "input_ids": jax.ShapeDtypeStruct((batch_size, max_length), jnp.int32),
+            }
+        latent = jax.ShapeDtypeStruct(
+            (batch_size, self.vae.config.latent_channels, *self.latent_shape[1:]), jnp.float32
+        )
+        return {
+            "latent_mean": latent,
+            "latent_logvar": latent,
+            "encoder_hidden_states": jax.ShapeDtypeStruct(
+                (batch_size, max_length, self.text_encoder.config.hidden_size),
+                COMPUTE_DTYPES[self.config.mixed_precision],
+            ),
+        }
 
     def draw(self, rng: jax.Array, batch_size: int) -> Batch:
         """Every random number one optimizer step needs, per sample, drawn for the whole global batch.
