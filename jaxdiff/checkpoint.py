@@ -1,11 +1,12 @@
 """Checkpoints (Orbax, async) of the train state and data position, resume resolution, and SIGTERM handling.
 
-Layout: ``output_dir/checkpoints/<step>/`` holding ``train_state`` (the pytree of possibly sharded arrays) and
-``data_state_<process_index>`` (each host's JSON data-iterator state). A checkpoint counts only once Orbax has
-finished it: its step folder carries its final name (not ``<step>.orbax-checkpoint-tmp-*``), its commit marker
-and the items this process needs. The torch backend writes the same ``checkpoints/<step>/`` folders (accelerate
-state, EMA, data positions) in a temporary folder, puts ``TORCH_COMMIT_FILE`` in last and renames it into place;
-such a folder counts as finished, so ``finished_steps`` and ``resolve_resume`` serve both backends.
+Layout: ``output_dir/checkpoints/<step>/`` holding ``train_state`` (the pytree of possibly sharded arrays, each
+host writing its shards) and ``data_state/process_<i>-of-<n>.json`` (each host's JSON data-iterator state, written
+by that host). A checkpoint counts only once Orbax has finished it: its step folder carries its final name (not
+``<step>.orbax-checkpoint-tmp-*``), its commit marker and the items this process needs. The torch backend writes
+the same ``checkpoints/<step>/`` folders (accelerate state, EMA, data positions) in a temporary folder, puts
+``TORCH_COMMIT_FILE`` in last and renames it into place; such a folder counts as finished, so ``finished_steps``
+and ``resolve_resume`` serve both backends.
 
 Preemption: on one process, ``PreemptionGuard`` turns SIGTERM into a flag the trainer polls once per step. With
 several processes the hosts must agree on the step they save at, so the guard leaves SIGTERM to JAX's preemption
@@ -13,6 +14,8 @@ service (``jax.distributed.initialize``) and ``should_stop(step)`` asks ``reache
 ``Checkpointer`` also saves at that step on its own (Orbax's preemption save policy).
 """
 
+import dataclasses
+import json
 import signal
 import threading
 from collections.abc import Mapping
@@ -28,13 +31,36 @@ from orbax.checkpoint import checkpoint_managers
 from jaxdiff.cli import ConfigError
 
 TRAIN_STATE_ITEM = "train_state"
+DATA_STATE_ITEM = "data_state"
 #: Written last into a torch-backend checkpoint, before its folder is renamed to the step: its commit marker.
 TORCH_COMMIT_FILE = "torch_checkpoint.json"
 
 
-def data_state_item() -> str:
-    """This host's data-iterator item name (each host has its own position)."""
-    return f"data_state_{jax.process_index()}"
+def data_state_file() -> str:
+    """This host's file in the data_state item (each host has its own position in its share of the data)."""
+    return f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+
+
+class DataStateHandler(ocp.CheckpointHandler):
+    """Each host's JSON data-iterator state, written by that host (Orbax's JSON handler writes on process 0 only)."""
+
+    def save(self, directory: Any, args: "DataStateSave") -> None:
+        (directory / data_state_file()).write_text(json.dumps(args.item))
+
+    def restore(self, directory: Any, args: "DataStateRestore | None" = None) -> dict[str, Any]:
+        return json.loads((directory / data_state_file()).read_text())
+
+
+@ocp.args.register_with_handler(DataStateHandler, for_save=True)
+@dataclasses.dataclass
+class DataStateSave(ocp.args.CheckpointArgs):
+    item: dict[str, Any]
+
+
+@ocp.args.register_with_handler(DataStateHandler, for_restore=True)
+@dataclasses.dataclass
+class DataStateRestore(ocp.args.CheckpointArgs):
+    pass
 
 
 def _incomplete_reason(path: Path) -> str | None:
@@ -47,9 +73,14 @@ def _incomplete_reason(path: Path) -> str | None:
         return None  # a torch-backend checkpoint, only ever renamed into place whole
     if not ocp.path.step.is_path_finalized(path) or not (path / ocp.path.atomicity.COMMIT_SUCCESS_FILE).exists():
         return "unfinished (cut off while being written)"
-    missing = [item for item in (TRAIN_STATE_ITEM, data_state_item()) if not (path / item).is_dir()]
-    if missing:
-        return f"incomplete (missing {', '.join(missing)})"
+    if not (path / TRAIN_STATE_ITEM).is_dir():
+        return f"incomplete (missing {TRAIN_STATE_ITEM})"
+    if not (path / DATA_STATE_ITEM / data_state_file()).is_file():
+        found = sorted(p.name for p in (path / DATA_STATE_ITEM).glob("process_*.json"))
+        return (
+            f"missing {DATA_STATE_ITEM}/{data_state_file()}, this process's data position (the checkpoint holds "
+            f"{found or 'none'}; resume with as many processes as wrote it)"
+        )
     return None
 
 
@@ -132,7 +163,7 @@ class Checkpointer:
         args = ocp.args.Composite(
             **{
                 TRAIN_STATE_ITEM: ocp.args.StandardSave(train_state),
-                data_state_item(): ocp.args.JsonSave(dict(data_state)),
+                DATA_STATE_ITEM: DataStateSave(dict(data_state)),
             }
         )
         return bool(self._manager.save(step, args=args, force=force))
@@ -163,11 +194,11 @@ class Checkpointer:
         args = ocp.args.Composite(
             **{
                 TRAIN_STATE_ITEM: ocp.args.StandardRestore(abstract_train_state),
-                data_state_item(): ocp.args.JsonRestore(),
+                DATA_STATE_ITEM: DataStateRestore(),
             }
         )
         restored = self._manager.restore(int(step), args=args, directory=root)
-        return restored[TRAIN_STATE_ITEM], dict(restored[data_state_item()])
+        return restored[TRAIN_STATE_ITEM], dict(restored[DATA_STATE_ITEM])
 
     def wait_until_finished(self) -> None:
         """Blocks until pending async saves are written and committed."""

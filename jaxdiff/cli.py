@@ -19,6 +19,7 @@ import yaml
 from pydantic import ValidationError
 
 from jaxdiff.config import GROUPS, TrainConfig, field_meta, unsupported_fields
+from jaxdiff.hub import HUB_ID, HubOptions, ModelFilesNotFoundError, resolve_pipeline
 
 EXIT_CONFIG_ERROR = 2
 
@@ -30,7 +31,6 @@ PIPELINE_TASKS = {
     "DDIMPipeline": "unconditional",
 }
 TEACHER_TASKS = {"StableDiffusionPipeline": "lcm", "StableDiffusionXLPipeline": "lcm_sdxl"}
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 class ConfigError(ValueError):
@@ -150,24 +150,20 @@ def _check_path(config: TrainConfig, name: str, *, hub_ok: bool) -> None:
     value = getattr(config, name)
     if value is None or _is_local(value):
         return
-    if hub_ok and _HUB_ID.match(value):
+    if hub_ok and HUB_ID.match(value):
         return
     allowed = "an existing local folder or a hub id like org/name" if hub_ok else "an existing local path"
     raise ConfigError(f"--{name}={value!r}: no such file or folder; expected {allowed}")
 
 
-def _pipeline_class(path: str, revision: str | None, cache_dir: str | None) -> str | None:
-    """The `_class_name` of a pipeline's model_index.json, local or on the hub; None if it cannot be read."""
-    local = Path(path).expanduser()
-    if local.is_dir():
-        index = local / "model_index.json"
-    else:
-        try:
-            from huggingface_hub import hf_hub_download
-
-            index = Path(hf_hub_download(path, "model_index.json", revision=revision, cache_dir=cache_dir))
-        except Exception:
-            return None
+def _pipeline_class(config: TrainConfig, field: str) -> str | None:
+    """The `_class_name` of the model_index.json of the pipeline ``config.<field>`` names, local or on the Hub
+    (fetched with the run's revision, cache and token); None when a local folder has none."""
+    try:
+        root = resolve_pipeline(getattr(config, field), (), HubOptions.from_config(config))
+    except ModelFilesNotFoundError as err:
+        raise ConfigError(f"--{field}: {err}") from None
+    index = root / "model_index.json"
     if not index.is_file():
         return None
     return json.loads(index.read_text()).get("_class_name")
@@ -178,7 +174,7 @@ def infer_task(config: TrainConfig) -> str:
     if config.task:
         return config.task
     if config.pretrained_teacher_model:
-        cls = _pipeline_class(config.pretrained_teacher_model, config.revision, config.cache_dir)
+        cls = _pipeline_class(config, "pretrained_teacher_model")
         if cls in TEACHER_TASKS:
             return TEACHER_TASKS[cls]
         raise ConfigError(
@@ -186,7 +182,7 @@ def infer_task(config: TrainConfig) -> str:
             f"model_index.json (pipeline {cls!r}); pass --task lcm, lcm_sdxl or lcm_lora"
         )
     if config.pretrained_model_name_or_path:
-        cls = _pipeline_class(config.pretrained_model_name_or_path, config.revision, config.cache_dir)
+        cls = _pipeline_class(config, "pretrained_model_name_or_path")
         if cls in PIPELINE_TASKS:
             return PIPELINE_TASKS[cls]
         raise ConfigError(
@@ -196,6 +192,17 @@ def infer_task(config: TrainConfig) -> str:
     if config.model_config_name_or_path:
         return "unconditional"
     raise ConfigError("no model given: pass --pretrained_model_name_or_path (or --pretrained_teacher_model for LCM)")
+
+
+def _previous_seed(config: TrainConfig) -> int:
+    """The seed of the run being resumed (its config.yaml), so its data order goes on; else a new draw (each
+    process draws one; the JAX trainer then takes process 0's, see `parallel.shared_seed`)."""
+    recorded = Path(config.output_dir) / "config.yaml"
+    if config.resume_from_checkpoint and recorded.is_file():
+        seed = (yaml.safe_load(recorded.read_text()) or {}).get("seed")
+        if isinstance(seed, int):
+            return seed
+    return secrets.randbelow(2**31)
 
 
 def resolve(config: TrainConfig) -> TrainConfig:
@@ -215,7 +222,7 @@ def resolve(config: TrainConfig) -> TrainConfig:
     if config.task is None:
         config = config.model_copy(update={"task": infer_task(config)})
     if config.seed is None:
-        config = config.model_copy(update={"seed": secrets.randbelow(2**31)})
+        config = config.model_copy(update={"seed": _previous_seed(config)})
     problems = unsupported_fields(config)
     if problems:
         raise ConfigError("; ".join(problems))

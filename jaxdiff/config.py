@@ -41,6 +41,8 @@ GROUPS: tuple[str, ...] = (
 )
 
 MESH_PATTERN = re.compile(r"^([1-9]\d*)x([1-9]\d*)$")
+#: HOST:PORT of a coordinator: a host name, IPv4 address or bracketed IPv6 address, then the port.
+COORDINATOR_PATTERN = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9][A-Za-z0-9.-]*):(\d{1,5})$")
 
 
 def _field(
@@ -80,6 +82,32 @@ class TrainConfig(BaseModel):
         group="Run",
         backends=("jax",),
     )
+    coordinator_address: str | None = _field(
+        None,
+        "(jaxdiff) HOST:PORT of process 0's coordinator for a multi-process run where JAX cannot find its peers "
+        "itself (CPU hosts, GPU clusters; TPU VMs and pod slices need none of the three flags). Give it with "
+        "num_processes and process_id, the same on every process. Not written to config.yaml.",
+        group="Run",
+        backends=("jax",),
+        exclude=True,
+    )
+    num_processes: int | None = _field(
+        None,
+        "(jaxdiff) Number of processes of the multi-process run (with coordinator_address).",
+        group="Run",
+        backends=("jax",),
+        exclude=True,
+        gt=0,
+    )
+    process_id: int | None = _field(
+        None,
+        "(jaxdiff) This process's index in [0, num_processes) (with coordinator_address); process 0 writes "
+        "config.yaml, metrics, samples and the export.",
+        group="Run",
+        backends=("jax",),
+        exclude=True,
+        ge=0,
+    )
     output_dir: str = _field(
         "jaxdiff-model",
         "Where the final diffusers pipeline, checkpoints/, samples/, metrics.jsonl and config.yaml are written.",
@@ -92,10 +120,11 @@ class TrainConfig(BaseModel):
     )
     seed: int | None = _field(
         None,
-        "Seed for data order, augmentation, noise and initialisation; drawn at start and recorded in "
-        "config.yaml when not given.",
+        "Seed for data order, augmentation, noise and initialisation; when not given, a resumed run keeps the "
+        "one in its config.yaml, a new run draws one and records it there.",
         group="Run",
         ge=0,
+        lt=2**32,
     )
 
     # Model
@@ -105,9 +134,14 @@ class TrainConfig(BaseModel):
         "the teacher).",
         group="Model",
     )
-    revision: str | None = _field(None, "Hub revision of the pretrained model.", group="Model")
+    revision: str | None = _field(
+        None, "Hub revision (branch, tag or commit) of the pretrained pipeline (not of a separate VAE).", group="Model"
+    )
     variant: str | None = _field(
-        None, "Weight file variant to load, e.g. 'fp16' for diffusion_pytorch_model.fp16.safetensors.", group="Model"
+        None,
+        "Weight file variant to load, e.g. 'fp16' for diffusion_pytorch_model.fp16.safetensors; every loaded model of "
+        "the pipeline must have it (a separate VAE loads its primary weights).",
+        group="Model",
     )
     pretrained_vae_model_name_or_path: str | None = _field(
         None,
@@ -352,8 +386,8 @@ class TrainConfig(BaseModel):
     # Validation
     validation_prompts: list[str] | None = _field(
         None,
-        "Prompts sampled at each validation (every validation_steps or validation_epochs; once at the end when "
-        "neither is set).",
+        "Prompts sampled at each validation (every validation_steps or validation_epochs) and, as in diffusers' "
+        "scripts, once more with the final weights unless the last step was just validated.",
         group="Validation",
         tasks=TEXT_TASKS,
     )
@@ -391,7 +425,8 @@ class TrainConfig(BaseModel):
     hub_model_id: str | None = _field(None, "Hub repository for push_to_hub.", group="Export and hub")
     hub_token: str | None = _field(
         None,
-        "Hub token for push_to_hub (prefer `hf auth login`; the token is never written to config.yaml).",
+        "Hub token for downloads and push_to_hub (default: HF_TOKEN or `hf auth login`; never written to "
+        "config.yaml).",
         group="Export and hub",
         exclude=True,
     )
@@ -401,6 +436,15 @@ class TrainConfig(BaseModel):
     def _mesh_format(cls, value: str | None) -> str | None:
         if value is not None and not MESH_PATTERN.match(value):
             raise ValueError("must be 'DxM' with positive integers, e.g. 8x1, 2x4 or 1x8")
+        return value
+
+    @field_validator("coordinator_address")
+    @classmethod
+    def _host_port(cls, value: str | None) -> str | None:
+        if value is not None:
+            match = COORDINATOR_PATTERN.match(value)
+            if not match or not 1 <= int(match.group(2)) <= 65535:
+                raise ValueError("must be HOST:PORT with a port in 1..65535, e.g. 10.0.0.2:1234 or [::1]:1234")
         return value
 
     @field_validator("validation_prompts")
@@ -430,6 +474,15 @@ class TrainConfig(BaseModel):
             raise ValueError(f"w_min={self.w_min} must be <= w_max={self.w_max}")
         if self.validation_epochs is not None and self.validation_steps is not None:
             raise ValueError("give validation_epochs or validation_steps, not both")
+        launch = {n: getattr(self, n) for n in ("coordinator_address", "num_processes", "process_id")}
+        missing = [f"--{n}" for n, v in launch.items() if v is None]
+        if missing and len(missing) < len(launch):
+            raise ValueError(
+                "--coordinator_address, --num_processes and --process_id go together (all three, or none on TPU "
+                f"VMs, where JAX finds its peers itself); missing {', '.join(missing)}"
+            )
+        if not missing and self.process_id >= self.num_processes:
+            raise ValueError(f"process_id={self.process_id} must be in [0, num_processes={self.num_processes})")
         if self.push_to_hub and not self.hub_model_id:
             raise ValueError("push_to_hub needs hub_model_id")
         return self

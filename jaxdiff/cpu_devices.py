@@ -25,10 +25,11 @@ def _cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def launched_multi_process() -> bool:
-    """Whether this process is one of a multi-host job (a TPU pod slice, or an explicit coordinator)."""
+def launched_multi_process(config: TrainConfig) -> bool:
+    """Whether this process is one of a multi-host job: --coordinator_address given, a TPU pod slice, or a
+    coordinator named in the environment (``JAX_COORDINATOR_ADDRESS``)."""
     hosts = [h for h in os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]
-    return bool(os.environ.get("JAX_COORDINATOR_ADDRESS")) or len(hosts) > 1
+    return bool(config.coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS")) or len(hosts) > 1
 
 
 def device_count(config: TrainConfig, cores: int) -> int:
@@ -44,7 +45,7 @@ def split_host(config: TrainConfig) -> int:
     """Before jax starts, asks XLA for `device_count` CPU devices; returns that count, 1 when nothing changed."""
     if SPLIT_ENV in os.environ:
         return int(os.environ[SPLIT_ENV])
-    if "jax" in sys.modules or DEVICE_COUNT_FLAG in os.environ.get("XLA_FLAGS", "") or launched_multi_process():
+    if "jax" in sys.modules or DEVICE_COUNT_FLAG in os.environ.get("XLA_FLAGS", "") or launched_multi_process(config):
         return 1
     count = device_count(config, _cores())
     if count <= 1:

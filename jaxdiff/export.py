@@ -25,6 +25,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdiff.cli import ConfigError
+from jaxdiff.files import honour_umask
+from jaxdiff.hub import HubOptions, ModelFilesNotFoundError, hub_offline, resolve_pipeline, weight_names
+from jaxdiff.weights import read_state_dict, write_state_dict
 
 EXPORT_DTYPES: dict[str, Any] = {"fp32": np.float32, "fp16": np.float16, "bf16": jnp.bfloat16}
 #: The torch dtype (attribute of ``torch``) of each export dtype, for components of the torch backend.
@@ -39,7 +42,7 @@ _WEIGHT_STEMS = ("diffusion_pytorch_model", "model", "pytorch_model")
 _PRIMARY_WEIGHTS = re.compile(rf"({'|'.join(_WEIGHT_STEMS)})(-\d{{5}}-of-\d{{5}})?\.(safetensors|bin)")
 _PRIMARY_INDEX = re.compile(rf"({'|'.join(_WEIGHT_STEMS)})\.(safetensors|bin)\.index\.json")
 _SKIPPED_SUFFIXES = (".msgpack", ".onnx", ".onnx_data", ".ckpt", ".h5", ".pb", ".ot", ".pt", ".pth")
-_HUB_SKIPPED = [f"*{s}" for s in _SKIPPED_SUFFIXES] + ["*.fp16.*", "*.non_ema.*", "*.ema.*"]
+_COPIED_WEIGHTS = ("diffusion_pytorch_model.safetensors", "model.safetensors")
 _TMP_PREFIX = ".export-tmp-"
 _OLD_PREFIX = ".export-old-"
 
@@ -50,30 +53,16 @@ def _export_dtype(dtype: str) -> Any:
     return EXPORT_DTYPES[dtype]
 
 
-def _hub_offline() -> bool:
-    from huggingface_hub import constants
-
-    return constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in {"1", "ON", "YES", "TRUE"}
-
-
-def _resolve_base(base_model: str | os.PathLike, needed: Callable[[dict[str, Any]], list[str]]) -> Path:
-    """The local pipeline folder: ``base_model`` itself, or the Hub snapshot of the files the export copies."""
-    if os.path.isdir(base_model):
-        return Path(base_model)
-    repo = os.fspath(base_model)
-    if os.path.exists(repo) or repo.count("/") != 1 or repo.startswith((".", "/")):
-        raise ConfigError(f"pretrained_model_name_or_path={repo!r} is neither a pipeline folder nor a Hub repo id")
+def _resolve_base(
+    base_model: str | os.PathLike, copied: Callable[[dict[str, Any]], list[str]], options: HubOptions
+) -> Path:
+    """The local pipeline folder: ``base_model`` itself, or the Hub snapshot of the files the export copies (the
+    weights of its ``copied`` components, of ``options.variant`` when one is set)."""
     try:
-        from huggingface_hub import snapshot_download
-
-        folder = Path(snapshot_download(repo, allow_patterns=[MODEL_INDEX]))
-        patterns = [f"{name}/*" for name in needed(_read_model_index(folder))]
-        return Path(snapshot_download(repo, allow_patterns=[MODEL_INDEX, *patterns], ignore_patterns=_HUB_SKIPPED))
-    except Exception as err:  # the Hub raises many types: offline, missing repo, auth
-        raise ConfigError(
-            f"pretrained_model_name_or_path={repo!r}: could not fetch the base pipeline from the Hugging Face Hub "
-            f"to export next to the trained components: {err}"
-        ) from err
+        index = _read_model_index(resolve_pipeline(base_model, (), options))
+        return resolve_pipeline(base_model, copied(index), options)
+    except ModelFilesNotFoundError as err:
+        raise ConfigError(f"cannot get the base pipeline to export next to the trained components: {err}") from None
 
 
 def _read_model_index(folder: Path) -> dict[str, Any]:
@@ -108,19 +97,30 @@ def _pipeline_files(folder: Path) -> Iterable[str]:
         yield name
 
 
-def _copy_component(src: Path, dst: Path) -> None:
+def _copy_component(src: Path, dst: Path, variant: str | None) -> None:
+    """Copies a component folder; with a ``variant`` its weights are written under the primary names, as diffusers'
+    ``save_pretrained`` does for a pipeline loaded with that variant."""
+    weights_name = next(
+        (n for n in _COPIED_WEIGHTS if variant and any((src / f).is_file() for f in weight_names(n, variant)[0])), None
+    )
     for name in _pipeline_files(src):
+        if weights_name and os.path.basename(name).startswith(_WEIGHT_STEMS):
+            continue
         (dst / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(src / name, dst / name)
+    if weights_name:
+        write_state_dict(read_state_dict(src, weights_name, variant=variant), dst, weights_name)
 
 
 def _write_folder(output_dir: Path, name: str, fill: Callable[[Path], None]) -> None:
-    """Fills ``output_dir/name`` through a temporary folder and swaps it in, so it is whole or absent."""
+    """Fills ``output_dir/name`` through a temporary folder and swaps it in, so it is whole or absent; its files
+    get the umask's mode (torch's save_pretrained writes 0600 safetensors, copies would keep the base's modes)."""
     tmp, old = output_dir / f"{_TMP_PREFIX}{name}", output_dir / f"{_OLD_PREFIX}{name}"
     for leftover in (tmp, old):
         shutil.rmtree(leftover, ignore_errors=True)
     tmp.mkdir(parents=True)
     fill(tmp)
+    honour_umask(tmp)
     final = output_dir / name
     if final.exists():
         final.rename(old)
@@ -166,14 +166,17 @@ def export_pipeline(
     base_model: str | os.PathLike,
     components: Mapping[str, Any],
     dtype: str = "fp32",
+    options: HubOptions | None = None,
 ) -> Path:
     """Writes the diffusers pipeline ``base_model`` with ``components`` swapped in to the root of ``output_dir``.
 
     ``components`` maps a pipeline folder name (``"unet"``, ``"text_encoder"``, ...) to a model with jaxdiff's
     ``save_pretrained(path, *, dtype=...)``, or to a torch diffusers ``ModelMixin`` / transformers
-    ``PreTrainedModel`` (the torch backend's); its parameters must be addressable here (gathered, main process).
+    ``PreTrainedModel`` (the torch backend's); its parameters must be addressable here (gathered, main process);
+    or to a model folder (a ``Path``, e.g. a separate pretrained VAE), copied in place of the base's.
     ``dtype`` (fp32, fp16, bf16) is the dtype of the trained components' floating-point weights; copied
-    components keep theirs. Returns ``output_dir``.
+    components keep theirs. A Hub id is fetched with ``options`` (revision, cache, token; `HubOptions.from_config`).
+    Returns ``output_dir``.
     """
     _export_dtype(dtype)
     reserved = sorted(RESERVED.intersection(components))
@@ -181,12 +184,17 @@ def export_pipeline(
         raise ValueError(f"component names {reserved} clash with training files in output_dir")
     output_dir = Path(output_dir)
 
-    def copied(index: dict[str, Any]) -> list[str]:
-        return [name for name in _pipeline_components(index) if name not in components]
+    options = options or HubOptions()
+    folders = {name: Path(c) for name, c in components.items() if isinstance(c, os.PathLike)}
+    components = {name: c for name, c in components.items() if name not in folders}
 
-    base = _resolve_base(base_model, copied)
+    def copied(index: dict[str, Any]) -> list[str]:
+        return [name for name in _pipeline_components(index) if name not in components and name not in folders]
+
+    base = _resolve_base(base_model, copied, options)
     index = _read_model_index(base)
     unknown = [n for n, c in components.items() if n not in index and _model_index_entry(c) is None]
+    unknown += [n for n in folders if n not in index]
     if unknown:
         raise ValueError(f"components {unknown} are not in the base {MODEL_INDEX} and do not name a torch class")
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -198,7 +206,9 @@ def export_pipeline(
             continue
         if not (base / name).is_dir():
             raise ConfigError(f"pretrained_model_name_or_path={os.fspath(base_model)!r} has no {name}/ folder")
-        _write_folder(output_dir, name, lambda tmp, src=base / name: _copy_component(src, tmp))
+        _write_folder(output_dir, name, lambda tmp, src=base / name: _copy_component(src, tmp, options.variant))
+    for name, folder in folders.items():
+        _write_folder(output_dir, name, lambda tmp, src=folder: _copy_component(src, tmp, None))
     for name, component in components.items():
         _write_folder(output_dir, name, lambda tmp, model=component: _save_component(model, tmp, dtype))
         index[name] = _model_index_entry(component) or index[name]
@@ -217,7 +227,7 @@ def check_hub_access(push_to_hub: bool, hub_model_id: str | None, token: str | N
         return
     if not hub_model_id:
         raise ConfigError("push_to_hub needs hub_model_id (the Hub repository to upload to, e.g. user/my-model)")
-    if _hub_offline():
+    if hub_offline():
         raise ConfigError(
             f"push_to_hub=True (hub_model_id={hub_model_id!r}) needs network access to the Hugging Face Hub, but "
             "HF_HUB_OFFLINE is set: unset it, or drop push_to_hub and upload output_dir later"

@@ -9,11 +9,11 @@ reader parses, and a null loss is as visible as a NaN one.
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
 import re
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
@@ -25,6 +25,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from jaxdiff.cli import ConfigError
+from jaxdiff.files import atomic_write_bytes
 
 METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "config.yaml"
@@ -45,19 +46,6 @@ def check_finite_loss(loss: float, step: int, checkpoints_dir: str | os.PathLike
         raise NonFiniteLossError(
             f"loss is {loss} at step {step}; training stopped, the last good checkpoint in {checkpoints_dir} is kept"
         )
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Writes ``path`` through a temporary file in the same folder, so readers never see a partial file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 def _json_value(value: Any) -> int | float | None:
@@ -88,7 +76,7 @@ def truncate_metrics(path: str | os.PathLike, step: int) -> None:
             continue
         if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
             kept.append(line + "\n")
-    _atomic_write(path, "".join(kept).encode())
+    atomic_write_bytes(path, "".join(kept).encode())
 
 
 class MetricsLogger:
@@ -140,7 +128,7 @@ class MetricsLogger:
             log_dir.mkdir(parents=True, exist_ok=True)
             id_file = log_dir / _WANDB_ID_FILE
             if not id_file.is_file():
-                _atomic_write(id_file, wandb.util.generate_id().encode())
+                atomic_write_bytes(id_file, wandb.util.generate_id().encode())
             self._wandb = wandb.init(
                 project=project, config=config, dir=str(log_dir), id=id_file.read_text().strip(), resume="allow"
             )
@@ -202,7 +190,7 @@ class MetricsLogger:
 def save_config(output_dir: str | os.PathLike, config_yaml: str) -> Path:
     """Writes the resolved config to ``output_dir/config.yaml`` atomically; returns its path."""
     path = Path(output_dir) / CONFIG_FILE
-    _atomic_write(path, config_yaml.encode())
+    atomic_write_bytes(path, config_yaml.encode())
     return path
 
 
@@ -254,12 +242,9 @@ def save_validation_images(
         rows = max(1, math.isqrt(len(images)))
         grid = image_grid(images, rows)
         path = folder / f"step-{int(step):07d}_{index:02d}_{prompt_slug(prompt)}.png"
-        png = Image.fromarray(grid.squeeze(-1) if grid.shape[-1] == 1 else grid)
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp")
-        with os.fdopen(fd, "wb") as f:
-            png.save(f, format="PNG")
-        os.replace(tmp, path)
+        png = io.BytesIO()
+        Image.fromarray(grid.squeeze(-1) if grid.shape[-1] == 1 else grid).save(png, format="PNG")
+        atomic_write_bytes(path, png.getvalue())
         paths.append(path)
     return paths
 

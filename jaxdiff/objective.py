@@ -5,6 +5,7 @@ host-drawn randoms of `--random_source host`. Each backend's task sets the attri
 models, on-device draws, loss and sampler.
 """
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -14,12 +15,14 @@ from jaxdiff.diffusion.training import host_draws, timestep_bias_weights
 
 
 class TextToImageRoles:
-    """Mixin: needs `config`, `unet`, `text_encoder`, `vae`, `tokenizer` and a `_common(...)` call at init."""
+    """Mixin: needs `config`, `unet`, `text_encoder`, `vae`, `vae_folder`, `tokenizer` and a `_common(...)` call at
+    init."""
 
     config: TrainConfig
     unet: Any
     text_encoder: Any
     vae: Any
+    vae_folder: Any
     tokenizer: Any
 
     def _common(self, num_train_timesteps: int, unet_in_channels: int, vae_block_out_channels: int) -> None:
@@ -56,6 +59,11 @@ class TextToImageRoles:
         if not self.config.train_text_encoder:
             models["text_encoder"] = self.text_encoder
         return models
+
+    @property
+    def copied_components(self) -> dict[str, Any]:
+        """Pipeline folders the export copies from elsewhere than the base pipeline: a separate VAE's."""
+        return {"vae": Path(self.vae_folder)} if self.config.pretrained_vae_model_name_or_path else {}
 
     @property
     def tokenizers(self) -> tuple[Any, ...]:

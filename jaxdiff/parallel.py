@@ -4,17 +4,21 @@ Axis ``data`` carries data parallelism; axis ``fsdp`` shards parameters, optimiz
 (FSDP-style). The global batch is split over all devices of both axes.
 """
 
+import logging
 from collections.abc import Sequence
 from typing import Any
 
 import jax
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from jaxdiff import cpu_devices
 from jaxdiff.cli import ConfigError
-from jaxdiff.config import MESH_PATTERN
+from jaxdiff.config import MESH_PATTERN, TrainConfig
+
+log = logging.getLogger("jaxdiff")
 
 DATA_AXIS = "data"
 FSDP_AXIS = "fsdp"
@@ -25,10 +29,53 @@ FSDP_AXIS = "fsdp"
 FSDP_PREFERENCE: tuple[str, ...] = ("out", "vocab", "in", "embed")
 
 
-def maybe_initialize_distributed() -> None:
-    """Join the multi-host job when launched as one (TPU pod slice, or an explicit coordinator)."""
-    if cpu_devices.launched_multi_process():
-        jax.distributed.initialize()
+def maybe_initialize_distributed(config: TrainConfig) -> None:
+    """Join the multi-host job when launched as one: through --coordinator_address, --num_processes and
+    --process_id when given, else as JAX detects it (TPU pod slices, ``JAX_COORDINATOR_ADDRESS``). Processes on
+    CPU run their collectives over gloo unless another implementation was chosen."""
+    if not cpu_devices.launched_multi_process(config) or jax.distributed.is_initialized():
+        return
+    if jax.config.jax_cpu_collectives_implementation is None:
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    try:
+        jax.distributed.initialize(config.coordinator_address, config.num_processes, config.process_id)
+    except jax.errors.JaxRuntimeError as err:
+        where = f"--coordinator_address={config.coordinator_address!r}" if config.coordinator_address else "JAX"
+        raise ConfigError(f"{where}: could not join the multi-process job ({err})") from None
+    log.info(
+        "process %d of %d, %d of %d devices here",
+        jax.process_index(),
+        jax.process_count(),
+        jax.local_device_count(),
+        jax.device_count(),
+    )
+
+
+def shared_seed(seed: int) -> int:
+    """Process 0's ``seed`` on every process: each process drew its own when --seed was unset, and data order,
+    augmentation and the replicated RNG must agree. Call it on all processes."""
+    if jax.process_count() == 1:
+        return seed
+    high, low = multihost_utils.broadcast_one_to_all(np.array([seed >> 32, seed & 0xFFFFFFFF], np.uint32))
+    return int(high) << 32 | int(low)
+
+
+def barrier(name: str) -> None:
+    """Waits until every process has reached the barrier ``name`` (returns at once with one process)."""
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)
+
+
+def to_host(tree: Any) -> Any:
+    """``tree``'s arrays as NumPy on this process, whatever their sharding; arrays split over several hosts are
+    gathered (one leaf at a time, so only one is ever replicated on the devices). Call it on all processes."""
+
+    def fetch(x: Any) -> Any:
+        if isinstance(x, jax.Array) and not (x.is_fully_addressable or x.is_fully_replicated):
+            return multihost_utils.process_allgather(x, tiled=True)
+        return jax.device_get(x)
+
+    return jax.tree.map(fetch, tree)
 
 
 def mesh_shape(spec: str | None, device_count: int) -> tuple[int, int]:

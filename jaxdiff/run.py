@@ -6,6 +6,7 @@ lives, which host-drawn randoms belong to which process, what a metrics row hold
 
 import logging
 import math
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,11 @@ LATENT_CACHE_DIR = "latent_cache"  # default folder under output_dir
 
 def check_output_dir(config: TrainConfig) -> None:
     """Never clobber a previous run: a non-empty output_dir needs resuming or --overwrite_output_dir."""
+    if re.match(r"^[a-z][a-z0-9+.-]*://", config.output_dir):
+        raise ConfigError(
+            f"--output_dir={config.output_dir!r}: a URL; output_dir must be a local path (for a bucket, mount it, "
+            "e.g. with gcsfuse, and pass the mount point)"
+        )
     out = Path(config.output_dir)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--output_dir={config.output_dir!r} exists and is not a folder")
@@ -47,13 +53,20 @@ def max_train_steps(config: TrainConfig, samples_per_epoch: int | None, step_bat
     return config.num_train_epochs * math.ceil(samples_per_epoch / step_batch_size)
 
 
-def should_validate(config: TrainConfig, step: int, epoch: int, epoch_ended: bool) -> bool:
-    """Whether to sample the validation prompts after ``step`` (``epoch``: the data's epoch now)."""
+def should_validate(config: TrainConfig, step: int, epochs_before: int, epochs_after: int) -> bool:
+    """Whether to sample the validation prompts after ``step``, given the data's completed epochs before and
+    after its batch (a step may complete several epochs of a tiny dataset)."""
     if config.validation_steps:
         return step % config.validation_steps == 0
-    if config.validation_epochs and epoch_ended:
-        return epoch % config.validation_epochs == 0
+    if config.validation_epochs:
+        return epochs_after // config.validation_epochs > epochs_before // config.validation_epochs
     return False
+
+
+def should_validate_final(config: TrainConfig, step: int, last_validated: int | None) -> bool:
+    """Whether to sample the final weights after the last ``step``: always when there are prompts (as diffusers'
+    scripts do), unless the loop has just validated that step."""
+    return bool(config.validation_prompts) and last_validated != step
 
 
 def open_latent_cache(
@@ -84,6 +97,14 @@ def process_rows(draws: dict[str, np.ndarray], process_index: int, process_count
     """This process's rows of a step's host draws: the data pipeline deals samples to processes round-robin,
     so row r of the global draws goes with the sample at global position r whatever the process count."""
     return {k: v[process_index::process_count] for k, v in draws.items()}
+
+
+def host_major_positions(rows: int, process_count: int) -> np.ndarray:
+    """The global position of each row of a batch assembled from the hosts' rows (host-major: host h's local row
+    i, the sample at global position i * process_count + h, is row h * rows_per_host + i)."""
+    per_host = rows // process_count
+    row = np.arange(rows)
+    return (row % per_host) * process_count + row // per_host
 
 
 def hub_ignore(config: TrainConfig) -> tuple[str, ...]:

@@ -22,6 +22,7 @@ from jaxdiff.checkpoint import Checkpointer, PreemptionGuard, resolve_resume
 from jaxdiff.config import TrainConfig
 from jaxdiff.data import make_train_iterator, specs_from_config
 from jaxdiff.export import check_hub_access, export_pipeline, push_to_hub
+from jaxdiff.hub import HubOptions
 from jaxdiff.metrics import (
     MetricsLogger,
     ProgressBar,
@@ -168,7 +169,10 @@ class TrainProgram:
         batch = dict(batch)
         randoms = batch.pop(HOST_RANDOMS, None)
         if randoms is None:
-            randoms = self.task.draw(jax.random.fold_in(state["rng"], step), self.batch_size * self.accum)
+            rows = self.batch_size * self.accum
+            randoms = self.task.draw(jax.random.fold_in(state["rng"], step), rows)
+            if jax.process_count() > 1:  # draws follow global positions, as on one process
+                randoms = jax.tree.map(lambda x: x[run.host_major_positions(rows, jax.process_count())], randoms)
 
         def loss_and_grad(params: dict, micro: tuple[dict, dict]) -> tuple[jax.Array, dict]:
             micro_batch, micro_randoms = micro
@@ -202,10 +206,15 @@ class Trainer:
     """Builds everything a run needs from the config; `train()` runs it."""
 
     def __init__(self, config: TrainConfig) -> None:
-        self.config = config
-        parallel.maybe_initialize_distributed()
+        parallel.maybe_initialize_distributed(config)
+        # Each process drew its own seed when --seed was unset: process 0's is the run's (and config.yaml's).
+        config = self.config = config.model_copy(update={"seed": parallel.shared_seed(config.seed)})
+        # Process 0 alone writes config.yaml, metrics, samples and the export (and uploads it).
+        self.is_main = jax.process_index() == 0
         run.check_output_dir(config)
-        check_hub_access(config.push_to_hub, config.hub_model_id)
+        if self.is_main:
+            check_hub_access(config.push_to_hub, config.hub_model_id)
+        parallel.barrier("output_dir checked")  # on every process, before any process writes into it
         self.out = Path(config.output_dir)
 
         # Mesh and batch.
@@ -221,6 +230,8 @@ class Trainer:
 
         # Task: models (abstract: configs read, no weights yet), loss, sampler.
         self.task = TASKS[config.task](config)
+        for weights_file in self.task.pretrained.values():
+            weights_file.state_dict()  # missing weight files fail now, before the data is read or encoded
         self.frozen = load_pretrained(
             self.task, self.task.frozen, parallel.state_shardings(_split(self.task.frozen)[1], self.mesh)
         )
@@ -282,7 +293,9 @@ class Trainer:
         return self.state["ema_params"] if use_ema else self.state["params"]
 
     def validate(self, step: int, metrics_logger: MetricsLogger) -> None:
-        """Sample every validation prompt with the current (EMA) weights; save PNG grids and log them."""
+        """Sample every validation prompt with the current (EMA) weights; save PNG grids and log them.
+
+        Every process samples (one computation over the mesh); process 0 gathers the images and writes them."""
         cfg = self.config
         prompts = cfg.validation_prompts or []
         if not prompts:
@@ -292,21 +305,27 @@ class Trainer:
         for i, prompt in enumerate(prompts):
             ids = self.task.tokenize([prompt] * cfg.num_validation_images)
             images = self.program.sample_fn(self._params_for_eval(), self.frozen, ids, jax.random.fold_in(rng, i))
-            grids.append(np.asarray(images))
+            grids.append(parallel.to_host(images))
+        if not self.is_main:
+            return
         paths = save_validation_images(self.out, step, list(prompts), grids)
         for path in paths:
             metrics_logger.log_images(f"validation/{path.stem}", np.asarray(Image.open(path).convert("RGB")), step)
 
     def export(self) -> None:
-        """The final diffusers pipeline at output_dir: trained components written, the rest copied through."""
-        export_trained(self.task, self._params_for_eval(), self.out, self.config.export_dtype)
-        if self.config.push_to_hub:
+        """The final diffusers pipeline at output_dir: trained components written, the rest copied through.
+
+        Every process takes part in gathering the weights; process 0 writes (and uploads) them while the others
+        wait, so no process ends before the export is whole."""
+        export_trained(self.task, self._params_for_eval(), self.out, self.config.export_dtype, write=self.is_main)
+        if self.is_main and self.config.push_to_hub:
             push_to_hub(
                 self.out,
                 self.config.hub_model_id,
                 token=self.config.hub_token,
                 ignore=run.hub_ignore(self.config),
             )
+        parallel.barrier("exported")
 
     # ---- the loop ----------------------------------------------------------------------------------------
 
@@ -314,7 +333,8 @@ class Trainer:
         """Run to max_train_steps (or until preempted), checkpointing, logging and validating on the way."""
         cfg = self.config
         self.out.mkdir(parents=True, exist_ok=True)
-        save_config(self.out, cli.to_yaml(cfg))
+        if self.is_main:
+            save_config(self.out, cli.to_yaml(cfg))
         checkpointer, start = self.checkpointer, self.start_step
         # Leaving this block in any way (end, preemption, error) waits for checkpoints still being written.
         with (
@@ -327,16 +347,17 @@ class Trainer:
                 project=cfg.tracker_project_name,
                 config=cfg.model_dump(mode="json"),
                 resume_step=start,
+                is_main_process=self.is_main,
             ) as metrics_logger,
             PreemptionGuard() as preemption,
-            ProgressBar(total=self.max_steps, initial=start) as progress,
+            ProgressBar(total=self.max_steps, initial=start, is_main_process=self.is_main) as progress,
         ):
             step_fn = None
             pending: list[tuple[int, dict]] = []
             tick = time.perf_counter()
-            step = start
+            step, validated = start, None
             while step < self.max_steps:
-                epoch = self.data.epoch
+                epochs = self.data.completed_epochs
                 batch = self.global_batch(self.host_batch(step))
                 if step_fn is None:
                     step_fn = self.compile_step(batch)
@@ -348,8 +369,9 @@ class Trainer:
                     tick = self._flush_metrics(pending, tick, metrics_logger, progress)
                     pending = []
                 checkpointer.save(step, self.state, self.data.get_state())
-                if run.should_validate(cfg, step, self.data.epoch, self.data.epoch != epoch):
+                if run.should_validate(cfg, step, epochs, self.data.completed_epochs):
                     self.validate(step, metrics_logger)
+                    validated = step
                 if preemption.should_stop(step):
                     if pending:
                         self._flush_metrics(pending, tick, metrics_logger, progress)
@@ -357,8 +379,8 @@ class Trainer:
                     log.warning("SIGTERM received: checkpoint saved at step %d, exiting", step)
                     return
             checkpointer.save(step, self.state, self.data.get_state(), force=True)
-            if cfg.validation_prompts and not (cfg.validation_steps or cfg.validation_epochs):
-                self.validate(step, metrics_logger)  # no interval given: validate the final weights once
+            if run.should_validate_final(cfg, step, validated):
+                self.validate(step, metrics_logger)
         self.export()
 
     def compile_step(self, batch: dict[str, jax.Array]) -> Any:
@@ -387,13 +409,21 @@ class Trainer:
         )
 
 
-def export_trained(task: Any, params: dict, output_dir: Path, dtype: str) -> None:
-    """Write the task's trained modules, holding ``params``, as a diffusers pipeline at ``output_dir``."""
+def export_trained(task: Any, params: dict, output_dir: Path, dtype: str, *, write: bool = True) -> None:
+    """Write the task's trained modules, holding ``params``, as a diffusers pipeline at ``output_dir``.
+
+    With several processes every one calls it (the parameters are gathered from all hosts) and only the one
+    with ``write`` writes."""
+    host_params = parallel.to_host(params)
+    if not write:
+        return
     components = {}
     for name, module in task.trainable.items():
-        nnx.update(module, jax.device_get(params[name]))
+        nnx.update(module, host_params[name])
         components[name] = module
-    export_pipeline(output_dir, base_model=task.model_path, components=components, dtype=dtype)
+    options = HubOptions.from_config(task.config)
+    components.update(task.copied_components)
+    export_pipeline(output_dir, base_model=task.model_path, components=components, dtype=dtype, options=options)
 
 
 def restore_for_export(config: TrainConfig, checkpoint: Path) -> tuple[Any, dict]:

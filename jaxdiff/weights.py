@@ -21,6 +21,9 @@ import safetensors.numpy
 from flax import nnx
 from huggingface_hub.serialization import split_state_dict_into_shards_factory
 
+from jaxdiff.files import honour_umask
+from jaxdiff.hub import ModelFilesNotFoundError, add_variant, find_weight_files
+
 logger = logging.getLogger(__name__)
 
 _Layout = Callable[[np.ndarray], np.ndarray]
@@ -75,10 +78,6 @@ _DEPRECATED_ATTENTION_RENAMES = (
 
 class WeightsMismatchError(ValueError):
     """A state dict does not fit a module: lists every missing key, unexpected key and shape mismatch."""
-
-
-class ModelFilesNotFoundError(FileNotFoundError):
-    """A model folder lacks what was asked for (config, weights, subfolder); the message names path and files."""
 
 
 def _torch_params(module: nnx.Module) -> Iterator[tuple[str, nnx.Param, _Leaf]]:
@@ -176,41 +175,6 @@ def load_state_dict(module: nnx.Module, state_dict: Mapping[str, np.ndarray]) ->
 # ---------------------------------------------------------------------------------------------------------------
 # Model folders: config.json + safetensors (single or sharded with an index), named as diffusers/transformers do.
 
-_PICKLED_NAMES = {
-    "model.safetensors": "pytorch_model.bin",
-    "diffusion_pytorch_model.safetensors": "diffusion_pytorch_model.bin",
-}
-
-
-def _add_variant(name: str, variant: str | None) -> str:
-    """Inserts the variant before the extension: ``model.safetensors.index.json`` -> ``...index.fp16.json``."""
-    if variant is None:
-        return name
-    stem, ext = name.rsplit(".", 1)
-    return f"{stem}.{variant}.{ext}"
-
-
-def resolve_folder(path: str | os.PathLike, subfolder: str | None = None, *, weights_name: str) -> str:
-    """The local folder holding a model: ``path[/subfolder]``, or a Hub snapshot when ``path`` is a repo id."""
-    path = os.fspath(path)
-    if not os.path.isdir(path):
-        if os.path.exists(path) or path.count("/") != 1 or path.startswith((".", "/")):
-            raise ModelFilesNotFoundError(f"model folder {path!r} does not exist")
-        prefix = f"{subfolder}/" if subfolder else ""
-        stems = {weights_name.split(".")[0], _PICKLED_NAMES.get(weights_name, weights_name).split(".")[0]}
-        try:
-            from huggingface_hub import snapshot_download
-
-            path = snapshot_download(path, allow_patterns=[f"{prefix}config.json", *(f"{prefix}{s}*" for s in stems)])
-        except Exception as err:  # the Hub raises many types: offline, missing repo, auth
-            message = f"{path!r} is no local folder and could not be fetched from the Hugging Face Hub: {err}"
-            raise ModelFilesNotFoundError(message) from err
-    folder = os.path.join(path, subfolder) if subfolder else path
-    if not os.path.isdir(folder):
-        found = sorted(d for d in os.listdir(path) if os.path.isdir(os.path.join(path, d)))
-        raise ModelFilesNotFoundError(f"{path} has no subfolder {subfolder!r} (subfolders there: {found or 'none'})")
-    return folder
-
 
 def read_config(folder: str | os.PathLike) -> dict[str, Any]:
     """The folder's ``config.json`` as a dict."""
@@ -219,15 +183,6 @@ def read_config(folder: str | os.PathLike) -> dict[str, Any]:
         raise ModelFilesNotFoundError(f"no config.json in {os.fspath(folder)}")
     with open(file) as f:
         return json.load(f)
-
-
-def _shard_files(folder: str, index_file: str) -> list[str]:
-    with open(index_file) as f:
-        files = sorted(set(json.load(f)["weight_map"].values()))
-    missing = [name for name in files if not os.path.isfile(os.path.join(folder, name))]
-    if missing:
-        raise ModelFilesNotFoundError(f"{index_file} names shards missing from {folder}: {', '.join(missing)}")
-    return [os.path.join(folder, name) for name in files]
 
 
 def _torch_load(file: str) -> dict[str, np.ndarray]:
@@ -279,33 +234,13 @@ def read_state_dict(
     lazily (`SafetensorsStateDict`). Pickled ``.bin`` files are read only with ``allow_pickle=True``
     (``torch.load(weights_only=True)``).
     """
-    folder = os.fspath(folder)
-    pickled = _PICKLED_NAMES.get(weights_name)
-    formats: list[tuple[str, Callable[[str], dict[str, np.ndarray]] | None]] = [(weights_name, None)]
-    if pickled:
-        formats.append((pickled, _torch_load))
-    looked_for = []
-    for name, load in formats:
-        single, index = _add_variant(name, variant), _add_variant(f"{name}.index.json", variant)
-        looked_for += [single, index]
-        if os.path.isfile(os.path.join(folder, single)):
-            files = [os.path.join(folder, single)]
-        elif os.path.isfile(os.path.join(folder, index)):
-            files = _shard_files(folder, os.path.join(folder, index))
-        else:
-            continue
-        if load is _torch_load and not allow_pickle:
-            raise ModelFilesNotFoundError(
-                f"no safetensors weights in {folder} (looked for {looked_for[0]}, {looked_for[1]}); it holds pickled "
-                f"{os.path.basename(files[0])}, which runs code when loaded: pass allow_pickle=True to load it anyway"
-            )
-        if load is _torch_load:
-            state_dict: dict[str, np.ndarray] = {}
-            for file in files:
-                state_dict.update(load(file))
-            return state_dict
+    files = find_weight_files(folder, weights_name, variant=variant, allow_pickle=allow_pickle)
+    if not files[0].endswith(".bin"):
         return SafetensorsStateDict(files)
-    raise ModelFilesNotFoundError(f"no weights in {folder} (looked for {', '.join(looked_for)})")
+    state_dict: dict[str, np.ndarray] = {}
+    for file in files:
+        state_dict.update(_torch_load(file))
+    return state_dict
 
 
 def write_state_dict(
@@ -322,8 +257,8 @@ def write_state_dict(
     """
     folder = os.fspath(folder)
     os.makedirs(folder, exist_ok=True)
-    name = _add_variant(weights_name, variant)
-    index_name = _add_variant(f"{weights_name}.index.json", variant)
+    name = add_variant(weights_name, variant)
+    index_name = add_variant(f"{weights_name}.index.json", variant)
     stem = name.removesuffix(".safetensors")
     split = split_state_dict_into_shards_factory(
         dict(state_dict),
@@ -337,7 +272,9 @@ def write_state_dict(
             os.remove(os.path.join(folder, old))
     for filename, keys in split.filename_to_tensors.items():
         shard = {k: np.ascontiguousarray(state_dict[k]) for k in keys}
-        safetensors.numpy.save_file(shard, os.path.join(folder, filename), metadata={"format": "pt"})
+        path = os.path.join(folder, filename)
+        safetensors.numpy.save_file(shard, path, metadata={"format": "pt"})
+        honour_umask(path)  # safetensors creates its files with mode 0600
     if split.is_sharded:
         index = {"metadata": dict(split.metadata), "weight_map": dict(sorted(split.tensor_to_filename.items()))}
         with open(os.path.join(folder, index_name), "w") as f:

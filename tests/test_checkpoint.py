@@ -54,7 +54,7 @@ def test_round_trip_bit_exact(tmp_path, mesh):
         restored, data_state = ckpt.restore(4, abstract(state, lambda x: x.sharding))  # waits for the async save
         assert ckpt.latest_step() == 4
         assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["4"]
-        assert (tmp_path / "checkpoints" / "4" / "data_state_0").is_dir()
+        assert (tmp_path / "checkpoints" / "4" / "data_state" / "process_0-of-1.json").is_file()
     assert data_state == DATA_STATE
     assert_bit_exact(restored, state)
     assert restored["params"]["w"].sharding == state["params"]["w"].sharding
@@ -93,8 +93,9 @@ def test_unfinished_checkpoints_are_ignored(tmp_path, mesh):
         ckpt.wait_until_finished()
         # Cut off mid-write: Orbax's temporary folder, and a step folder without its commit marker.
         (tmp_path / "4.orbax-checkpoint-tmp-1234567" / "train_state").mkdir(parents=True)
-        for item in ("train_state", "data_state_0"):
-            (tmp_path / "6" / item).mkdir(parents=True)
+        (tmp_path / "6" / "train_state").mkdir(parents=True)
+        (tmp_path / "6" / "data_state").mkdir()
+        (tmp_path / "6" / "data_state" / "process_0-of-1.json").write_text("{}")
         assert ckpt.latest_step() == 2
         assert ckpt.all_steps() == [2]
     assert resolve_resume("latest", tmp_path) == (tmp_path / "2", 2)

@@ -47,6 +47,47 @@ def unet_weights(out):
     return load_file(out / "unet" / "diffusion_pytorch_model.safetensors")
 
 
+def sample_steps(out):
+    """The steps of the validation grids in ``out/samples`` (one prompt), in order."""
+    return sorted(int(p.name.split("_")[0].removeprefix("step-")) for p in (out / "samples").glob("step-*.png"))
+
+
+VALIDATE = ("--validation_prompts", "a red circle", "--num_validation_images", "1",
+            "--validation_num_inference_steps", "1")  # fmt: skip
+
+
+def check_validation_runs(tmp_path, model, data, *backend):
+    """An epoch that ends with a run's last step is validated, and the final weights always are, once."""
+    # 24 samples, 8 per step: epochs end after steps 3 and 6, the last one.
+    epochs = train(tmp_path, "epochs", model, data, *backend, *VALIDATE, "--num_train_epochs", "2",
+                   "--validation_epochs", "1")  # fmt: skip
+    assert sample_steps(epochs) == [3, 6]
+    steps = train(tmp_path, "steps", model, data, *backend, *VALIDATE, "--max_train_steps", "3",
+                  "--validation_steps", "2")  # fmt: skip
+    assert sample_steps(steps) == [2, 3]
+
+
+def check_files_honour_the_umask(tmp_path, model, data, umask, *backend):
+    """Everything a run writes into output_dir (export, config, metrics, samples, checkpoints, logs, latent cache)
+    gets the umask's mode; the run is a bf16 one from cached latents and text states, which must train."""
+    previous = os.umask(umask)
+    try:
+        out = train(tmp_path, "run", model, data, *backend, *VALIDATE, "--max_train_steps", "2",
+                    "--checkpointing_steps", "1", "--report_to", "tensorboard", "--mixed_precision", "bf16",
+                    "--cache_latents")  # fmt: skip
+    finally:
+        os.umask(previous)
+    assert all(np.isfinite(r["loss"]) for r in metrics(out)) and len(metrics(out)) == 2
+    files = [p for p in out.rglob("*") if p.is_file()]
+    for name in ("model_index.json", "config.yaml", "metrics.jsonl", "unet/diffusion_pytorch_model.safetensors",
+                 "vae/diffusion_pytorch_model.safetensors", "samples/step-0000002_00_a-red-circle.png"):  # fmt: skip
+        assert out / name in files, name
+    assert any(p.suffix == ".npy" for p in files) and any(p.parts[-2] == "logs" for p in files)
+    modes = {p.relative_to(out).as_posix(): p.stat().st_mode & 0o777 for p in files}
+    expected = 0o666 & ~umask
+    assert {name: oct(mode) for name, mode in modes.items() if mode != expected} == {}
+
+
 def test_end_to_end_export_loads_in_diffusers(tmp_path, tiny_sd_path, shapes_dataset):
     out = train(
         tmp_path, "run", tiny_sd_path, shapes_dataset,
@@ -281,6 +322,15 @@ def test_latent_cache_trains_like_encoding_on_the_fly(tmp_path, tiny_sd_path, sh
     )
     assert [p.name for p in cache_dir.iterdir()] == [entry.name]
     assert (entry / "meta.json").stat().st_mtime_ns == stamp
+
+
+def test_validation_at_epoch_ends_and_of_the_final_weights(tmp_path, tiny_sd_path, shapes_dataset):
+    check_validation_runs(tmp_path, tiny_sd_path, shapes_dataset)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_written_files_honour_the_umask(tmp_path, tiny_sd_path, shapes_dataset, umask):
+    check_files_honour_the_umask(tmp_path, tiny_sd_path, shapes_dataset, umask)
 
 
 def test_host_random_source_feeds_the_step(tmp_path, tiny_sd_path, shapes_dataset):

@@ -16,6 +16,7 @@ from accelerate import Accelerator
 
 from jaxdiff.checkpoint import TORCH_COMMIT_FILE, finished_steps
 from jaxdiff.cli import ConfigError
+from jaxdiff.files import honour_umask
 
 TMP_SUFFIX = ".torch-tmp"
 
@@ -55,6 +56,7 @@ class TorchCheckpointer:
         (tmp / data_state_file(acc.process_index)).write_text(json.dumps(data_state))
         acc.wait_for_everyone()
         if acc.is_main_process:
+            honour_umask(tmp)  # accelerate's save_state writes its safetensors with mode 0600
             (tmp / TORCH_COMMIT_FILE).write_text(json.dumps({"step": step, "num_processes": acc.num_processes}))
             tmp.rename(final)
             self._prune()

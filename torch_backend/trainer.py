@@ -27,6 +27,7 @@ from jaxdiff.checkpoint import PreemptionGuard, resolve_resume
 from jaxdiff.config import TrainConfig
 from jaxdiff.data import make_train_iterator, specs_from_config
 from jaxdiff.export import check_hub_access, export_pipeline, push_to_hub
+from jaxdiff.hub import HubOptions
 from jaxdiff.metrics import MetricsLogger, ProgressBar, save_config, save_validation_images
 from jaxdiff.optim import scaled_learning_rate
 from torch_backend.checkpoint import TorchCheckpointer
@@ -249,9 +250,13 @@ class Trainer:
         acc.wait_for_everyone()
         if acc.is_main_process:
             with self.eval_weights() as models:
-                components = {name: models[name] for name in self.trained}
+                components = {name: models[name] for name in self.trained} | self.task.copied_components
                 export_pipeline(
-                    self.out, base_model=self.task.model_path, components=components, dtype=cfg.export_dtype
+                    self.out,
+                    base_model=self.task.model_path,
+                    components=components,
+                    dtype=cfg.export_dtype,
+                    options=HubOptions.from_config(cfg),
                 )
             if cfg.push_to_hub:
                 push_to_hub(self.out, cfg.hub_model_id, token=cfg.hub_token, ignore=run.hub_ignore(cfg))
@@ -304,9 +309,9 @@ class Trainer:
         ):
             pending: list[tuple[int, dict]] = []
             tick = time.perf_counter()
-            step = start
+            step, validated = start, None
             while step < self.max_steps:
-                epoch = self.data.epoch
+                epochs = self.data.completed_epochs
                 metrics = self.train_step(*self.inputs(step))
                 step += 1
                 pending.append((step, metrics))
@@ -315,8 +320,9 @@ class Trainer:
                     tick = self._flush_metrics(pending, tick, metrics_logger, progress)
                     pending = []
                 checkpointer.save(step, self.data.get_state())
-                if run.should_validate(cfg, step, self.data.epoch, self.data.epoch != epoch):
+                if run.should_validate(cfg, step, epochs, self.data.completed_epochs):
                     self.validate(step, metrics_logger)
+                    validated = step
                 if self._should_stop(preemption, step):
                     if pending:
                         self._flush_metrics(pending, tick, metrics_logger, progress)
@@ -324,8 +330,8 @@ class Trainer:
                     log.warning("SIGTERM received: checkpoint saved at step %d, exiting", step)
                     return
             checkpointer.save(step, self.data.get_state(), force=True)
-            if cfg.validation_prompts and not (cfg.validation_steps or cfg.validation_epochs):
-                self.validate(step, metrics_logger)  # no interval given: validate the final weights once
+            if run.should_validate_final(cfg, step, validated):
+                self.validate(step, metrics_logger)
         self.export()
 
     def _flush_metrics(
@@ -364,7 +370,9 @@ def export_checkpoint(config: TrainConfig, checkpoint: Path, output_dir: Path, *
     if use_ema:
         ema.copy_to(params)
     components = {name: accelerator.unwrap_model(m) for name, m in zip(task.trainable, modules, strict=True)}
-    export_pipeline(output_dir, base_model=task.model_path, components=components, dtype=dtype)
+    components.update(task.copied_components)
+    options = HubOptions.from_config(config)
+    export_pipeline(output_dir, base_model=task.model_path, components=components, dtype=dtype, options=options)
 
 
 def train(config: TrainConfig) -> None:

@@ -4,6 +4,8 @@ The cache stores the latent distribution's parameters (mean, logvar), not a samp
 fresh latents every step. It is keyed by fingerprints of the model (passed in), the data (source + sample count)
 and the transform and tokenizers, so a changed model, dataset or resolution never reuses a stale cache; it is
 written to a temporary folder and renamed into place, so a crash never leaves a half-written cache behind.
+Arrays in a dtype `.npy` cannot describe (bfloat16 text states of a bf16 run, which NumPy would read back as `|V2`)
+are stored as their raw bits in an unsigned integer of the same width, their dtype recorded in `meta.json`.
 
 Augmentation: random crop cannot be cached (one frozen crop would replace a fresh one per epoch), so it is
 refused; with random flip both orientations are cached, with their own SDXL `crop_top_left`, so latents and time
@@ -18,6 +20,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import ml_dtypes
 import numpy as np
 
 from jaxdiff.data.errors import DataConfigError, NoUsableDataError
@@ -35,7 +38,9 @@ from jaxdiff.data.transforms import (
     usable_captions,
 )
 
-CACHE_FORMAT = 1
+#: Version of the folder layout, part of the cache key: a cache of another version is rebuilt, never misread.
+#: 2: raw bits + recorded dtype for arrays `.npy` cannot describe (1 wrote bfloat16 that read back as `|V2`).
+CACHE_FORMAT = 2
 #: `encode_images(pixel_values (B, 3, H, W)) -> (mean, logvar)`, each (B, C, h, w).
 EncodeImages = Callable[[np.ndarray], tuple[Any, Any]]
 #: `encode_text({"input_ids": (B, L)[, "input_ids_2": (B, L)]}) -> {name: (B, ...)}`.
@@ -58,11 +63,21 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     return hash_json([type(tokenizer).__name__, tokenizer.model_max_length, vocab])
 
 
+def _npy_describes(dtype: np.dtype) -> bool:
+    """Whether an `.npy` file of this dtype reads back as the same dtype."""
+    return np.lib.format.descr_to_dtype(np.lib.format.dtype_to_descr(dtype)) == dtype
+
+
 class _RowWriter:
     """Appends rows of one array to a raw file; `finish` turns them into an .npy (row count unknown up front)."""
 
     def __init__(self, path: Path):
         self._path, self._rows, self._spec = path, 0, None
+
+    @property
+    def dtype(self) -> np.dtype:
+        """The rows' dtype."""
+        return self._spec[0]
 
     def append(self, rows: np.ndarray) -> None:
         rows = np.ascontiguousarray(rows)
@@ -74,6 +89,8 @@ class _RowWriter:
     def finish(self) -> None:
         raw_path = self._path.with_suffix(".raw")
         dtype, shape = self._spec
+        if not _npy_describes(dtype):
+            dtype = np.dtype(f"u{dtype.itemsize}")  # the raw bits; LatentCache.array views them back
         out = np.lib.format.open_memmap(self._path, mode="w+", dtype=dtype, shape=(self._rows, *shape))
         if self._rows:
             out[:] = np.memmap(raw_path, dtype=dtype, mode="r", shape=out.shape)
@@ -141,7 +158,9 @@ class LatentCache:
 
     def array(self, name: str) -> np.ndarray:
         if name not in self._arrays:
-            self._arrays[name] = np.load(self.path / f"{name}.npy", mmap_mode="r")
+            array = np.load(self.path / f"{name}.npy", mmap_mode="r")
+            stored_as = self.meta["raw_dtypes"].get(name)
+            self._arrays[name] = array if stored_as is None else array.view(getattr(ml_dtypes, stored_as))
         return self._arrays[name]
 
     def examples(self, transform: TransformSpec) -> "_CachedExamples":
@@ -301,4 +320,5 @@ def _write_cache(
             writers[f"empty_{name}"].append(value)
     for writer in writers.values():
         writer.finish()
-    return {"num_samples": num_samples, "text_keys": text_keys, "skipped": skipped}
+    raw_dtypes = {name: w.dtype.name for name, w in writers.items() if not _npy_describes(w.dtype)}
+    return {"num_samples": num_samples, "text_keys": text_keys, "skipped": skipped, "raw_dtypes": raw_dtypes}

@@ -73,20 +73,24 @@ class DataIterator(grain.DatasetIterator):
     """Batches of one host: dicts of numpy arrays stacked from a stream of elements.
 
     Skipped samples are dropped and counted in `skipped` (reason -> count) for the trainer to log; an epoch
-    without a single usable sample raises `NoUsableDataError`. `get_state()` is a JSON-able dict and
-    `set_state()` restores it in a freshly built pipeline, so a resumed run sees exactly the batches an
-    uninterrupted one would. As a `grain.DatasetIterator` it saves with Orbax through `grain.checkpoint`.
+    without a single usable sample raises `NoUsableDataError`. `completed_epochs` says, as soon as a batch is
+    returned, how many epochs have been read to their end, so an epoch that ends with a run's last batch counts.
+    `get_state()` is a JSON-able dict and `set_state()` restores it in a freshly built pipeline, so a resumed run
+    sees exactly the batches an uninterrupted one would. As a `grain.DatasetIterator` it saves with Orbax through
+    `grain.checkpoint`.
     """
 
-    def __init__(self, stream: Any, batch_size: int, samples_per_epoch: int | None):
+    def __init__(self, stream: Any, batch_size: int, samples_per_epoch: int | None, process_count: int = 1):
         super().__init__()
         self._stream = stream
         self.batch_size = batch_size
         #: Samples in one epoch over all hosts (None for streamed sources, whose length is unknown).
         self.samples_per_epoch = samples_per_epoch
+        self._process_count = process_count
         self._skipped: collections.Counter[str] = collections.Counter()
         self._epoch = 0
         self._usable_in_epoch = 0
+        self._consumed = 0  # stream elements read, skipped ones included
 
     @property
     def skipped(self) -> dict[str, int]:
@@ -98,10 +102,22 @@ class DataIterator(grain.DatasetIterator):
         """Epoch of the last sample returned."""
         return self._epoch
 
+    @property
+    def completed_epochs(self) -> int:
+        """Epochs read to their end by the batches returned so far.
+
+        Random-access sources: epochs all of whose positions every host has read (hosts read in step, so they
+        agree unless their skip counts differ). Streamed sources: epochs this host has read all its shards of.
+        """
+        if self.samples_per_epoch is None:
+            return self._stream.completed_epochs
+        return self._consumed * self._process_count // self.samples_per_epoch
+
     def __next__(self) -> dict[str, np.ndarray]:
         examples: list[dict[str, np.ndarray]] = []
         while len(examples) < self.batch_size:
             epoch, payload = next(self._stream)
+            self._consumed += 1
             if epoch != self._epoch:
                 if self._usable_in_epoch == 0:
                     raise NoUsableDataError(
@@ -122,12 +138,14 @@ class DataIterator(grain.DatasetIterator):
             "skipped": dict(self._skipped),
             "epoch": self._epoch,
             "usable_in_epoch": self._usable_in_epoch,
+            "consumed": self._consumed,
         }
 
     def set_state(self, state: dict[str, Any]) -> None:
         self._stream.set_state(state["stream"])
         self._skipped = collections.Counter(state["skipped"])
         self._epoch, self._usable_in_epoch = state["epoch"], state["usable_in_epoch"]
+        self._consumed = state["consumed"]
 
     def close(self) -> None:
         self._stream.close()
@@ -243,7 +261,7 @@ def make_train_iterator(
         raw = open_source(source, with_captions=bool(tokenizers))
         example_fn, num_samples = RawExamples(raw, transform, tokenizers), len(raw)
     stream = random_access_stream(example_fn, num_samples, loader, batch, process_index, process_count)
-    return DataIterator(stream, batch, samples_per_epoch=num_samples)
+    return DataIterator(stream, batch, samples_per_epoch=num_samples, process_count=process_count)
 
 
 def iterate_in_order(example_fn: ExampleFn, num_samples: int, seed: int = 0) -> Iterator[tuple[int, Any]]:

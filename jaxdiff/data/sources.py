@@ -199,6 +199,17 @@ def _load_hf(spec: SourceSpec) -> tuple[Any, str]:
         )
     except FileNotFoundError as e:
         raise DataConfigError(f"dataset_name={spec.dataset_name!r}: no such dataset or folder ({e})") from e
+    except ConnectionError as e:  # datasets' "Couldn't reach ... on the Hub": offline or no network, not cached
+        cache = spec.cache_dir or datasets.config.HF_DATASETS_CACHE
+        reason = (
+            "HF_HUB_OFFLINE or HF_DATASETS_OFFLINE is set"
+            if datasets.config.HF_HUB_OFFLINE
+            else f"the Hugging Face Hub cannot be reached ({e})"
+        )
+        raise DataConfigError(
+            f"dataset_name={spec.dataset_name!r}: cannot load this Hub dataset: {reason} and it is not in the "
+            f"datasets cache at {cache}"
+        ) from None
     data_id = fingerprint_files(path) if path.is_dir() else f"{spec.dataset_name}/{spec.dataset_config_name}"
     return dataset, data_id
 

@@ -3,7 +3,9 @@
 Order. Each epoch shuffles the shard list with (seed, epoch); host h of P reads shards h, h+P, ... of it, so hosts
 read disjoint shards and together every sample once per epoch. Inside a shard, samples are shuffled in windows of
 `shuffle_window` consecutive samples. The position is a JSON cursor (epoch, shard position, samples consumed in the
-shard): a resume re-reads the current shard up to the cursor without decoding, and continues exactly.
+shard, whether that sample ended the host's epoch): a resume re-reads the current shard up to the cursor without
+decoding, and continues exactly. The reader looks one raw sample ahead, so the last sample of an epoch is known as
+such when it is returned.
 
 Decoding runs in `dataloader_num_workers` threads (PIL and numpy release the GIL), results kept in stream order.
 """
@@ -90,7 +92,7 @@ class WebDatasetStream:
         self._epoch_limit = None if source.max_train_samples is None else -(-source.max_train_samples // process_count)
         self._check_columns()
         self._pool = concurrent.futures.ThreadPoolExecutor(self._workers) if self._workers else None
-        self.set_state({"epoch": 0, "shard": 0, "sample": 0, "in_epoch": 0})
+        self.set_state({"epoch": 0, "shard": 0, "sample": 0, "in_epoch": 0, "epoch_done": 0})
 
     def _check_columns(self) -> None:
         """Validates explicitly named columns against the first sample, so a typo fails before training."""
@@ -156,6 +158,15 @@ class WebDatasetStream:
                 raise NoUsableDataError(f"the shards of host {self._process_index} hold no samples: {self._urls}")
             epoch, shard, sample, in_epoch = epoch + 1, 0, 0, 0
 
+    def _raw_marked(self, cursor: dict[str, int]) -> Iterator[tuple[dict[str, int], int, tuple[int, int], Any]]:
+        """`_raw`, each cursor saying whether its sample is the last of its epoch (`epoch_done`)."""
+        samples = self._raw(cursor)
+        current = next(samples)
+        for upcoming in samples:
+            after, epoch, sample_id, raw = current
+            yield {**after, "epoch_done": int(upcoming[1] != epoch)}, epoch, sample_id, raw
+            current = upcoming
+
     def _example(
         self, epoch: int, sample_id: tuple[int, int], raw: dict[str, Any] | None
     ) -> dict[str, np.ndarray] | str:
@@ -183,12 +194,17 @@ class WebDatasetStream:
         self._cursor, epoch, future = self._pending.popleft()
         return epoch, future.result()
 
+    @property
+    def completed_epochs(self) -> int:
+        """Epochs of which this host has returned every sample."""
+        return self._cursor["epoch"] + self._cursor["epoch_done"]
+
     def get_state(self) -> dict[str, int]:
         return dict(self._cursor)
 
     def set_state(self, state: dict[str, int]) -> None:
-        self._cursor = {k: int(state[k]) for k in ("epoch", "shard", "sample", "in_epoch")}
-        self._reader = self._raw(self._cursor)
+        self._cursor = {k: int(state[k]) for k in ("epoch", "shard", "sample", "in_epoch", "epoch_done")}
+        self._reader = self._raw_marked(self._cursor)
         self._pending: collections.deque = collections.deque()
 
     def close(self) -> None:

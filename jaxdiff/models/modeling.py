@@ -16,7 +16,7 @@ from flax import nnx
 from jax.typing import DTypeLike
 from typing_extensions import Self
 
-from jaxdiff import weights
+from jaxdiff import hub, weights
 
 ConfigFormat = Literal["diffusers", "transformers"]
 M = TypeVar("M", bound=nnx.Module)
@@ -150,26 +150,14 @@ class PretrainedModel(nnx.Module):
         return cls(cls._config(config), rngs=rngs or nnx.Rngs(0), **kwargs)
 
     @classmethod
-    def from_pretrained(
-        cls,
-        path: str | os.PathLike,
-        subfolder: str | None = None,
-        *,
-        dtype: DTypeLike = jnp.float32,
-        param_dtype: DTypeLike = jnp.float32,
-        variant: str | None = None,
-        allow_pickle: bool = False,
-        **kwargs: Any,
-    ) -> Self:
+    def from_pretrained(cls, path: str | os.PathLike, subfolder: str | None = None, **kwargs: Any) -> Self:
         """Loads a diffusers/transformers folder (or Hub repo id) written by ``save_pretrained`` of either library.
 
-        The model is built abstractly and filled from the checkpoint, so no random initialisation happens first.
-        Parameters are cast to ``param_dtype``. Raises ``weights.ModelFilesNotFoundError`` when the folder,
-        subfolder, config or weights are missing, and ``weights.WeightsMismatchError`` when they do not fit.
+        Takes the arguments of `abstract_from_pretrained`: the model is built abstractly and filled from the
+        checkpoint, so no random initialisation happens first. Raises ``hub.ModelFilesNotFoundError`` when the
+        folder, subfolder, config or weights are missing, and ``weights.WeightsMismatchError`` when they do not fit.
         """
-        model, weights_file = cls.abstract_from_pretrained(
-            path, subfolder, dtype=dtype, param_dtype=param_dtype, variant=variant, allow_pickle=allow_pickle, **kwargs
-        )
+        model, weights_file = cls.abstract_from_pretrained(path, subfolder, **kwargs)
         weights_file.load_into(model)
         return model
 
@@ -187,13 +175,17 @@ class PretrainedModel(nnx.Module):
     ) -> tuple[Self, "PretrainedWeights"]:
         """The model of a folder's ``config.json`` built abstractly (no memory), and where its weights are.
 
-        `PretrainedWeights.load_into` fills it later, e.g. once its parameters carry their shardings. The weight
-        files are located (and checked to exist) now; no tensor is read.
+        ``dtype`` computes, ``param_dtype`` stores (parameters are cast to it on loading); ``variant`` picks e.g.
+        ``*.fp16.safetensors``; pickled ``.bin`` weights are read only with ``allow_pickle``; other keyword
+        arguments go to the constructor.
+
+        `PretrainedWeights.load_into` fills it later, e.g. once its parameters carry their shardings. Only configs
+        are read: a folder of configs alone is enough (``benchmarks/tpu_compile.py`` compiles from one).
         """
-        folder = weights.resolve_folder(path, subfolder, weights_name=cls.weights_name)
+        options = hub.HubOptions(variant=variant, allow_pickle=allow_pickle)
+        folder = hub.resolve_model(path, subfolder, cls.weights_name, options)
         config = cls._config(weights.read_config(folder))
         weights_file = PretrainedWeights(folder, cls.weights_name, variant, allow_pickle)
-        weights_file.state_dict()  # fails now, not after the run is set up, when the weights are missing
 
         def build(rngs: nnx.Rngs) -> Self:
             return cls(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs, **kwargs)

@@ -7,7 +7,6 @@ loss, and the validation sampler. The trainer owns everything else.
 import functools
 import json
 import logging
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -19,13 +18,14 @@ from jaxdiff import diffusion
 from jaxdiff.config import TrainConfig
 from jaxdiff.data import fingerprint_files
 from jaxdiff.data.fingerprint import hash_json
+from jaxdiff.hub import HubOptions, resolve_model, resolve_pipeline
 from jaxdiff.models import nn
 from jaxdiff.models.autoencoder_kl import AutoencoderKL
 from jaxdiff.models.clip import CLIPTextModel
 from jaxdiff.models.modeling import PretrainedWeights
 from jaxdiff.models.unet_2d_condition import UNet2DConditionModel
 from jaxdiff.objective import TextToImageRoles
-from jaxdiff.weights import read_config, resolve_folder
+from jaxdiff.weights import read_config
 
 log = logging.getLogger("jaxdiff")
 
@@ -44,10 +44,14 @@ class TextToImage(TextToImageRoles):
         """Reads the pipeline's configs and builds its models abstractly; `pretrained` says where the weights are
         (the trainer loads them into their sharded arrays)."""
         self.config = config
-        root = Path(resolve_folder(config.pretrained_model_name_or_path, weights_name="model_index.json"))
-        self.model_path = root
+        options = HubOptions.from_config(config)
+        vae_id = config.pretrained_vae_model_name_or_path
+        models = ("unet", "text_encoder") if vae_id else ("unet", "vae", "text_encoder")
+        root = resolve_pipeline(config.pretrained_model_name_or_path, models, options)
+        self.root = root  # local files: tokenizer, scheduler, weights
+        self.model_path = config.pretrained_model_name_or_path  # what the export copies from (id or folder)
         compute = COMPUTE_DTYPES[config.mixed_precision]
-        load = {"variant": config.variant, "allow_pickle": config.allow_pickled_weights}
+        load = {"variant": options.variant, "allow_pickle": options.allow_pickle}
         runtime = {"attention_impl": nn.resolve_attention(config.attention_implementation)}
         log.info("attention implementation: %s", runtime["attention_impl"])
         self.pretrained: dict[str, PretrainedWeights] = {}
@@ -58,17 +62,19 @@ class TextToImage(TextToImageRoles):
         self.text_encoder, self.pretrained["text_encoder"] = CLIPTextModel.abstract_from_pretrained(
             root, "text_encoder", dtype=compute, param_dtype=text_dtype, **load, **runtime
         )
-        vae_path, vae_sub = (
-            (config.pretrained_vae_model_name_or_path, None)
-            if config.pretrained_vae_model_name_or_path
-            else (root, "vae")
-        )
-        vae_folder = resolve_folder(vae_path, vae_sub, weights_name=AutoencoderKL.weights_name)
-        self.frozen_folders = [Path(vae_folder)] + ([] if config.train_text_encoder else [root / "text_encoder"])
+        vae_options = options.for_other_repo() if vae_id else options
+        vae_folder = resolve_model(vae_id, None, AutoencoderKL.weights_name, vae_options) if vae_id else root / "vae"
+        self.vae_folder = vae_folder
+        self.frozen_folders = [vae_folder] + ([] if config.train_text_encoder else [root / "text_encoder"])
         # diffusers keeps a VAE marked force_upcast (SDXL's) in float32 whatever the training precision.
         self.vae_dtype = jnp.float32 if read_config(vae_folder).get("force_upcast", True) else compute
         self.vae, self.pretrained["vae"] = AutoencoderKL.abstract_from_pretrained(
-            vae_folder, dtype=self.vae_dtype, param_dtype=self.vae_dtype, **load, **runtime
+            vae_folder,
+            dtype=self.vae_dtype,
+            param_dtype=self.vae_dtype,
+            variant=vae_options.variant,
+            allow_pickle=vae_options.allow_pickle,
+            **runtime,
         )
         scheduler = json.loads((root / "scheduler" / "scheduler_config.json").read_text())
         if config.prediction_type:
@@ -81,7 +87,7 @@ class TextToImage(TextToImageRoles):
     @functools.cached_property
     def tokenizer(self) -> CLIPTokenizer:
         """The pipeline's tokenizer, read when first needed (compiling a step needs none)."""
-        return CLIPTokenizer.from_pretrained(self.model_path / "tokenizer")
+        return CLIPTokenizer.from_pretrained(self.root / "tokenizer")
 
     def abstract_batch(self, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
         """Shapes and dtypes of a batch of ``batch_size`` as the data pipeline delivers it (images and token ids,

@@ -2,11 +2,13 @@
 
 import shutil
 
+import ml_dtypes
 import numpy as np
 import pytest
 
+from jaxdiff.data import latent_cache
 from jaxdiff.data.errors import DataConfigError
-from jaxdiff.data.latent_cache import build_latent_cache
+from jaxdiff.data.latent_cache import LatentCache, build_latent_cache
 from jaxdiff.data.pipeline import LoaderSpec, make_train_iterator
 from jaxdiff.data.sources import SourceSpec
 from jaxdiff.data.transforms import TransformSpec
@@ -113,3 +115,34 @@ def test_cached_batches_match_the_pixels_they_describe(tmp_path, imagefolder_jso
             process_index=0,
             process_count=1,
         )
+
+
+class Bf16TextEncoders(FakeEncoders):
+    """Text states in bfloat16, as a bf16 run's text encoder gives them."""
+
+    def encode_text(self, ids: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        states = super().encode_text(ids)["prompt_embeds"] % 7 + 0.5  # x.5: exact in bfloat16, lost as integers
+        return {"prompt_embeds": states.astype(ml_dtypes.bfloat16)}
+
+
+def test_bfloat16_states_read_back_as_bfloat16(tmp_path, imagefolder_jsonl, tiny_tokenizer, monkeypatch):
+    source = SourceSpec(train_data_dir=str(imagefolder_jsonl))
+    cache = _build(source, tiny_tokenizer, Bf16TextEncoders(), tmp_path)
+    assert cache.meta["raw_dtypes"] == {"prompt_embeds": "bfloat16", "empty_prompt_embeds": "bfloat16"}
+    assert np.load(cache.path / "prompt_embeds.npy").dtype == np.uint16  # a dtype .npy describes
+    reopened = LatentCache(cache.path)
+    states = reopened.array("prompt_embeds")
+    assert states.dtype == ml_dtypes.bfloat16
+    assert (states.astype(np.float32) % 1 == 0.5).all()
+    loader = LoaderSpec(global_batch_size=4)
+    with make_train_iterator(
+        source, FLIP, loader, [tiny_tokenizer], latent_cache=reopened, process_index=0, process_count=1
+    ) as it:
+        batch = next(it)
+    assert batch["prompt_embeds"].dtype == ml_dtypes.bfloat16 and batch["latent_mean"].dtype == np.float32
+
+    # A cache of the previous format (bfloat16 written as `|V2`) lives under another key: rebuilt, never read.
+    monkeypatch.setattr(latent_cache, "CACHE_FORMAT", 1)
+    old = _build(source, tiny_tokenizer, FakeEncoders(), tmp_path)
+    monkeypatch.undo()
+    assert old.path != cache.path and _build(source, tiny_tokenizer, FakeEncoders(), tmp_path).path == cache.path

@@ -156,3 +156,37 @@ def test_webdataset_pipe_urls(webdataset_shards, tiny_tokenizer, all_sources):
     piped = SourceSpec(train_shards_path_or_url=f"pipe:cat {first_shard}")
     plain = SourceSpec(train_shards_path_or_url=first_shard)
     _assert_same(_batches(piped, CENTER, tiny_tokenizer, 2)[0], _batches(plain, CENTER, tiny_tokenizer, 2)[0])
+
+
+@pytest.mark.parametrize("name", ["imagefolder_jsonl", "webdataset"])
+@pytest.mark.parametrize("hosts", [1, 2])
+def test_an_epoch_counts_as_completed_with_its_last_batch(all_sources, tiny_tokenizer, name, hosts):
+    loader = LoaderSpec(global_batch_size=4)
+    per_epoch = NUM_SAMPLES // 4
+    for host in range(hosts):
+        with make_train_iterator(
+            all_sources[name], CENTER, loader, [tiny_tokenizer], process_index=host, process_count=hosts
+        ) as it:
+            counts = [it.completed_epochs]
+            for _ in range(2 * per_epoch):
+                next(it)
+                counts.append(it.completed_epochs)
+            state = json.loads(json.dumps(it.get_state()))
+        # Known when the epoch's last batch is returned, not when the next epoch's first one is fetched.
+        assert counts == [0] * per_epoch + [1] * per_epoch + [2], (name, host)
+        with make_train_iterator(
+            all_sources[name], CENTER, loader, [tiny_tokenizer], process_index=host, process_count=hosts
+        ) as resumed:
+            resumed.set_state(state)
+            assert resumed.completed_epochs == 2
+            next(resumed)
+            assert resumed.completed_epochs == 2
+
+
+def test_a_batch_straddling_epochs_completes_the_first(all_sources, tiny_tokenizer):
+    loader = LoaderSpec(global_batch_size=5)
+    source = all_sources["imagefolder_jsonl"]
+    with make_train_iterator(source, CENTER, loader, [tiny_tokenizer], process_index=0, process_count=1) as it:
+        counts = [(next(it), it.completed_epochs, it.epoch)[1:] for _ in range(3)]
+    # Samples 1-5 and 6-10 of epoch 0, then its samples 11, 12 with 3 of epoch 1.
+    assert counts == [(0, 0), (0, 0), (1, 1)]

@@ -13,7 +13,14 @@ from safetensors.numpy import load_file
 
 from jaxdiff.checkpoint import finished_steps
 from jaxdiff.train import main
-from tests.test_trainer import BASE, metrics, train, unet_weights
+from tests.test_trainer import (
+    BASE,
+    check_files_honour_the_umask,
+    check_validation_runs,
+    metrics,
+    train,
+    unet_weights,
+)
 from torch_backend.checkpoint import TorchCheckpointer
 
 TORCH = ("--backend", "torch")
@@ -262,3 +269,12 @@ def test_export_cli_from_a_torch_checkpoint(tmp_path, tiny_sd_path, shapes_datas
     assert any(not np.array_equal(ema[k], raw[k]) for k in final)
     checkpoint = load_file(out / "checkpoints" / "2" / "model.safetensors")
     assert all(np.array_equal(raw[k], checkpoint[k]) for k in raw)
+
+
+def test_validation_at_epoch_ends_and_of_the_final_weights(tmp_path, tiny_sd_path, shapes_dataset):
+    check_validation_runs(tmp_path, tiny_sd_path, shapes_dataset, *TORCH, "--train_batch_size", "8")
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_written_files_honour_the_umask(tmp_path, tiny_sd_path, shapes_dataset, umask):
+    check_files_honour_the_umask(tmp_path, tiny_sd_path, shapes_dataset, umask, *TORCH)

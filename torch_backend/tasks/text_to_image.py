@@ -4,6 +4,8 @@ As in the JAX task, the task owns which models load and which train, the per-sam
 validation sampler; the trainer owns everything else.
 """
 
+import os
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -14,27 +16,35 @@ from transformers import CLIPTextModel, CLIPTokenizer
 from jaxdiff.config import TrainConfig
 from jaxdiff.data import fingerprint_files
 from jaxdiff.data.fingerprint import hash_json
+from jaxdiff.hub import HubOptions, ModelFilesNotFoundError, resolve_model, resolve_pipeline
 from jaxdiff.objective import TextToImageRoles
-from jaxdiff.weights import ModelFilesNotFoundError, resolve_folder
 from torch_backend.diffusion import snr_weighted_loss, training_target
 
 #: Dtype of the frozen models (and of autocast) per --mixed_precision; trained weights stay float32.
 WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 VAE_WEIGHTS = "diffusion_pytorch_model.safetensors"
-TEXT_ENCODER_WEIGHTS = "model.safetensors"
 
 Batch = dict[str, torch.Tensor]
 Models = dict[str, torch.nn.Module]
 
 
-def load_pretrained(cls: Any, path: str, *, allow_pickle: bool = True, **kwargs: Any) -> Any:
-    """``cls.from_pretrained(path, **kwargs)``, with a missing folder, config or weights file as one clear error."""
+def load_pretrained(cls: Any, path: Path, *, allow_pickle: bool = True, **kwargs: Any) -> Any:
+    """``cls.from_pretrained(path, **kwargs)`` from a local folder, with a missing or unreadable file as one clear
+    error."""
     try:
         return cls.from_pretrained(path, **kwargs)
-    except OSError as err:  # what diffusers and transformers raise for missing files and unreachable hubs
-        where = f"{path}/{kwargs['subfolder']}" if kwargs.get("subfolder") else path
+    except OSError as err:  # what diffusers and transformers raise for missing files
         hint = "" if allow_pickle else " (pickled .bin weights are only read with --allow_pickled_weights)"
-        raise ModelFilesNotFoundError(f"cannot load {cls.__name__} from {where!r}{hint}: {err}") from None
+        raise ModelFilesNotFoundError(f"cannot load {cls.__name__} from {os.fspath(path)!r}{hint}: {err}") from None
+
+
+def _weights(options: HubOptions) -> dict[str, Any]:
+    """from_pretrained arguments choosing the weight files the resolver fetched."""
+    return {
+        "variant": options.variant,
+        "use_safetensors": None if options.allow_pickle else True,
+        "allow_pickle": options.allow_pickle,
+    }
 
 
 class TextToImage(TextToImageRoles):
@@ -47,22 +57,21 @@ class TextToImage(TextToImageRoles):
         self.device = device
         self.model_path = config.pretrained_model_name_or_path
         weight_dtype = WEIGHT_DTYPES[config.mixed_precision]
-        hub = {"revision": config.revision, "cache_dir": config.cache_dir}
-        weights = {
-            **hub,
-            "variant": config.variant,
-            "use_safetensors": None if config.allow_pickled_weights else True,
-            "allow_pickle": config.allow_pickled_weights,
-        }
-        root = self.model_path
-        self.tokenizer = load_pretrained(CLIPTokenizer, root, subfolder="tokenizer", **hub)
-        self.scheduler = load_pretrained(DDPMScheduler, root, subfolder="scheduler", **hub)
+        # The files the JAX task reads, fetched by the shared resolver; every model loads from a local folder.
+        options = HubOptions.from_config(config)
+        vae_path = config.pretrained_vae_model_name_or_path
+        models = ("unet", "text_encoder") if vae_path else ("unet", "vae", "text_encoder")
+        root = resolve_pipeline(self.model_path, models, options)
+        vae_options = options.for_other_repo() if vae_path else options
+        self.vae_folder = resolve_model(vae_path, None, VAE_WEIGHTS, vae_options) if vae_path else root / "vae"
+        self.text_encoder_folder = root / "text_encoder"
+        self.tokenizer = load_pretrained(CLIPTokenizer, root / "tokenizer")
+        self.scheduler = load_pretrained(DDPMScheduler, root / "scheduler")
         if config.prediction_type:
             self.scheduler.register_to_config(prediction_type=config.prediction_type)
-        self.unet = load_pretrained(UNet2DConditionModel, root, subfolder="unet", **weights)
-        self.text_encoder = load_pretrained(CLIPTextModel, root, subfolder="text_encoder", **weights)
-        vae_path = config.pretrained_vae_model_name_or_path
-        self.vae = load_pretrained(AutoencoderKL, vae_path or root, subfolder=None if vae_path else "vae", **weights)
+        self.unet = load_pretrained(UNet2DConditionModel, root / "unet", **_weights(options))
+        self.text_encoder = load_pretrained(CLIPTextModel, self.text_encoder_folder, **_weights(options))
+        self.vae = load_pretrained(AutoencoderKL, self.vae_folder, **_weights(vae_options))
 
         # Trained weights in float32; frozen ones in the compute dtype, except a VAE marked force_upcast (as in
         # the JAX task, which keeps such a VAE, e.g. SDXL's, in float32 whatever the training precision).
@@ -125,10 +134,7 @@ class TextToImage(TextToImageRoles):
     def cache_fingerprint(self) -> str:
         """Identifies what the cache's encoders compute: their weight files, dtypes and this backend."""
         cfg = self.config
-        vae_path = cfg.pretrained_vae_model_name_or_path
-        folders = [resolve_folder(vae_path or self.model_path, None if vae_path else "vae", weights_name=VAE_WEIGHTS)]
-        if not cfg.train_text_encoder:
-            folders.append(resolve_folder(self.model_path, "text_encoder", weights_name=TEXT_ENCODER_WEIGHTS))
+        folders = [self.vae_folder] + ([] if cfg.train_text_encoder else [self.text_encoder_folder])
         dtypes = [str(self.vae_dtype), str(self.text_encoder.dtype)]
         return hash_json(["torch", [fingerprint_files(f) for f in folders], dtypes, cfg.mixed_precision])
 

@@ -1,0 +1,115 @@
+"""benchmarks/tpu_compile.py: the train step compiled for TPU topologies by libtpu on this CPU machine.
+
+The compile runs in a subprocess, so the test process never loads libtpu (its TPU probes stay out of the CPU run).
+"""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "tpu_compile.py"
+GIB = 2**30
+
+
+@pytest.fixture(scope="module")
+def tpu_compile():
+    spec = importlib.util.spec_from_file_location("tpu_compile", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the file runs
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_tiny_step_compiles_for_a_v4_8(tiny_sd_path):
+    pytest.importorskip("libtpu", reason='libtpu not installed (pip install -e ".[tpu]"): no TPU compiler')
+    # v4-8: 4 megacore chips = 4 JAX devices, here as a 2x2 (data x fsdp) mesh; v5e-8 has 8 devices, so the same
+    # mesh is refused for it, in its own row, without ending the run.
+    command = [sys.executable, str(SCRIPT), "--model", str(tiny_sd_path), "--topology", "v4-8,v5e-8", "--mesh", "2x2"]
+    done = subprocess.run([*command, "--json"], capture_output=True, text=True, env=os.environ, timeout=900)
+    assert done.returncode == 1, done.stderr[-3000:]
+    v4, v5e = (json.loads(line) for line in done.stdout.splitlines())
+
+    assert v5e["topology"] == "v5e-8" and "needs 4 devices but 8 are available" in v5e["error"]
+
+    assert (v4["topology"], v4["device_kind"], v4["devices"], v4["mesh"]) == ("v4-8", "TPU v4", 4, "2x2")
+    assert (v4["per_device_batch"], v4["global_batch"], v4["resolution"]) == (1, 4, 32)
+    assert v4["fits"] and not v4["gradient_checkpointing"]
+    # The compiler's usable HBM: a little under the v4 chip's 32 GiB.
+    assert 30 * GIB < v4["hbm_bytes"] <= v4["hbm_spec_bytes"] == 32 * GIB
+    # Train state (fp32 UNet, AdamW moments, EMA: ~4 x 1.5 M parameters x 4 bytes, halved by fsdp) plus the frozen
+    # models: tens of MB per device, far below HBM.
+    assert 5e6 < v4["argument_bytes"] <= v4["peak_bytes"] < 0.01 * v4["hbm_bytes"]
+    assert v4["model_flops"] == 3 * v4["model_flops_trained_forward"] + v4["model_flops_frozen_forward"]
+    assert v4["model_flops_trained_forward"] > 0 and v4["model_flops_frozen_forward"] > 0
+    # No recomputation: the compiled step does the model's matmuls plus elementwise work, not a multiple of them.
+    assert v4["flops_ratio"] == pytest.approx(v4["flops"] / v4["model_flops"])
+    assert 1.0 < v4["flops_ratio"] < 1.6
+
+
+def _flops_program(params, frozen, x, image):
+    h = jax.checkpoint(lambda w, x: x @ w)(params["w"], x)  # (4, 8) @ (8, 16): trained
+    gram = jax.jit(lambda x: x @ x.T)(x)  # (4, 8) @ (8, 4): frozen
+    h, _ = jax.lax.scan(lambda c, _: (c @ params["m"], None), h, length=3)  # 3 x (4, 16) @ (16, 16): trained
+    # NCHW (1, 3, 8, 8) * OIHW (5, 3, 3, 3) -> (1, 5, 6, 6): frozen
+    conv = jax.lax.conv_general_dilated(
+        image, frozen["k"], (1, 1), "VALID", dimension_numbers=("NCHW", "OIHW", "NCHW")
+    )
+    return h.sum() + gram.sum() + conv.sum()
+
+
+def test_flops_are_counted_by_dependence_on_trained_parameters(tpu_compile):
+    args = (
+        {"m": jnp.ones((16, 16)), "w": jnp.ones((8, 16))},
+        {"k": jnp.ones((5, 3, 3, 3))},
+        jnp.ones((4, 8)),
+        jnp.ones((1, 3, 8, 8)),
+    )
+    closed = jax.make_jaxpr(_flops_program)(*args)
+    depends = [True, True] + [False] * 3
+    trained, frozen, outputs = tpu_compile.count_flops(closed.jaxpr, depends)
+    assert trained == 2 * 4 * 16 * 8 + 3 * 2 * 4 * 16 * 16
+    assert frozen == 2 * 4 * 4 * 8 + 2 * (5 * 6 * 6) * (3 * 3 * 3)
+    assert outputs == [True]
+
+
+def test_built_in_models_have_the_published_parameter_counts(tpu_compile, tmp_path):
+    from flax import nnx
+
+    from jaxdiff.tasks import TASKS
+
+    expected = {
+        "sd15": {"unet": 859_520_964, "vae": 83_653_863, "text_encoder": 123_060_480},
+        "sd21": {"unet": 865_910_724, "vae": 83_653_863, "text_encoder": 340_387_840},
+    }
+    settings = {"sd15": ("epsilon", 512), "sd21": ("v_prediction", 768)}
+    for model, counts in expected.items():
+        pipeline = tpu_compile.write_pipeline(model, tmp_path / model)
+        args = tpu_compile.parse_args(["--model", model])
+        task = TASKS["text_to_image"](tpu_compile.train_config(args, pipeline, 1, False))
+        found = {
+            name: sum(p.size for p in jax.tree.leaves(nnx.state(getattr(task, name), nnx.Param))) for name in counts
+        }
+        assert found == counts, model
+        assert (task.schedule.prediction_type, task.config.resolution) == settings[model]
+
+
+def test_bad_input_is_one_message(tpu_compile, capsys, monkeypatch):
+    with pytest.raises(SystemExit) as exit_info:
+        tpu_compile.main(["--model", "tiny", "--topology", "v5p-8,v9-8"])
+    assert exit_info.value.code == 2
+    assert "--topology='v9-8': unknown; known: v3-8, v4-8, v5p-8, v5e-8, v6e-8" in capsys.readouterr().err
+
+    from jax._src import xla_bridge
+
+    monkeypatch.setattr(xla_bridge, "get_tpu_library_path", lambda: None)
+    with pytest.raises(SystemExit) as exit_info:
+        tpu_compile.main(["--model", "tiny", "--topology", "v5p-8"])
+    assert exit_info.value.code == 2
+    assert 'libtpu is not installed: pip install -e ".[tpu]"' in capsys.readouterr().err
