@@ -27,6 +27,8 @@ One row per topology, printed as it finishes (``--json``: one JSON object per li
   split by whether the op depends on a trained parameter (UNet: forward + two backward matmuls each) or not (VAE
   encoder, frozen text encoder: forward only). ``flops_ratio = flops / model_flops`` shows recomputation
   (gradient checkpointing: ~4/3) and other waste;
+* ``max_batch_estimate``: the largest per-device batch that fits if the step's temporaries grow in proportion to
+  the batch (state fixed), from this one compile: a lower bound, free;
 * with ``--max_batch``: the largest per-device batch that fits, without and with gradient checkpointing. Peak memory
   is fitted as a + b * batch from compiles at the row's batch and twice it, and the predicted largest batch is
   compiled to verify it (bisecting down when it does not fit): up to 5 more compiles per topology and setting.
@@ -78,7 +80,7 @@ class Generation:
 TOPOLOGIES = {
     "v3-8": Generation("v3:2x2", 16),  # 4 chips x 2 cores, each core a device with its half of the chip's 32 GiB
     "v4-8": Generation("v4:2x2x1", 32, chip_config="megacore"),
-    "v5p-8": Generation("v5p:2x2x1", 95),  # megacore, libtpu's default for v5p
+    "v5p-8": Generation("v5p:2x2x1", 96),  # megacore, libtpu's default for v5p; 96 GiB (published as "95 GB")
     "v5e-8": Generation("v5e:2x4", 16),  # v5litepod-8
     "v6e-8": Generation("v6e:2x4", 32),
 }
@@ -118,6 +120,8 @@ def prepare_libtpu() -> None:
         raise ConfigError(
             'libtpu is not installed: pip install -e ".[tpu]" (or pip install "jax[tpu]==<jax version>")'
         )
+    # Compiling claims no chip, so several compiles (one per process) may share the machine.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
     os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5p-8")
     os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
@@ -538,6 +542,18 @@ def compile_step(program: Any, batch: dict, hbm_bytes: int) -> Compiled:
 # ---- largest batch -------------------------------------------------------------------------------------------
 
 
+def estimated_max_batch(result: Compiled, batch: int, hbm_bytes: int) -> int | None:
+    """The largest per-device batch that fits if temporaries grow in proportion to the batch, from one compile.
+
+    State (arguments, idle frozen parameters) stays; temporaries are taken as all per-sample, so with any constant
+    part in them this is an underestimate. ``--max_batch`` measures the real one.
+    """
+    if not result.fits or not result.temp_bytes:
+        return None
+    per_sample = result.temp_bytes / batch
+    return int((hbm_bytes - result.argument_bytes - result.idle_bytes) // per_sample)
+
+
 def largest_batch(measure: Callable[[int], Compiled], first: Compiled, batch: int, hbm_bytes: int) -> int:
     """The largest per-device batch whose step fits: peak = a + b * batch fitted at ``batch`` (compiled: ``first``)
     and twice it, the prediction compiled to verify it, bisecting down when it does not fit (at most 5 compiles)."""
@@ -608,6 +624,7 @@ def run_topology(args: argparse.Namespace, pipeline: Path, name: str) -> dict[st
         "model_flops_trained_forward": result.model_flops_trained_forward,
         "model_flops_frozen_forward": result.model_flops_frozen_forward,
         "flops_ratio": result.flops / result.model_flops if result.flops else None,
+        "max_batch_estimate": estimated_max_batch(result, args.per_device_batch, topology.hbm_bytes),
         "compile_s": round(result.compile_s, 1),
     }
     if not result.fits:
@@ -641,6 +658,7 @@ COLUMNS = (
     ("TFLOP/step", 10),
     ("model TFLOP", 11),
     ("ratio", 5),
+    ("est. max", 8),
     ("max batch", 9),
     ("max (ckpt)", 10),
     ("compile s", 9),
@@ -661,6 +679,7 @@ def format_row(row: dict[str, Any]) -> str:
         "-" if flops is None else f"{flops / 1e12:.3f}",
         f"{row['model_flops'] / 1e12:.3f}",
         "-" if flops is None else f"{row['flops_ratio']:.2f}",
+        row["max_batch_estimate"] or "-",
         row.get("max_batch", "-"),
         row.get("max_batch_gradient_checkpointing", "-"),
         row["compile_s"],

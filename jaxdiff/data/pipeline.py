@@ -98,11 +98,6 @@ class DataIterator(grain.DatasetIterator):
         return dict(self._skipped)
 
     @property
-    def epoch(self) -> int:
-        """Epoch of the last sample returned."""
-        return self._epoch
-
-    @property
     def completed_epochs(self) -> int:
         """Epochs read to their end by the batches returned so far.
 
