@@ -60,6 +60,14 @@ def shared_seed(seed: int) -> int:
     return int(high) << 32 | int(low)
 
 
+def process_zero_decides(flag: bool) -> bool:
+    """Process 0's ``flag`` on every process, for a decision that leads into collectives (validation gathers) but
+    rests on per-host counts (epochs read). Waits for the devices' queued work; call it on all processes."""
+    if jax.process_count() == 1:
+        return flag
+    return bool(multihost_utils.broadcast_one_to_all(np.array(flag)))
+
+
 def barrier(name: str) -> None:
     """Waits until every process has reached the barrier ``name`` (returns at once with one process)."""
     if jax.process_count() > 1:

@@ -369,7 +369,7 @@ class Trainer:
                     tick = self._flush_metrics(pending, tick, metrics_logger, progress)
                     pending = []
                 checkpointer.save(step, self.state, self.data.get_state())
-                if run.should_validate(cfg, step, epochs, self.data.completed_epochs):
+                if self._should_validate(step, epochs):
                     self.validate(step, metrics_logger)
                     validated = step
                 if preemption.should_stop(step):
@@ -382,6 +382,14 @@ class Trainer:
             if run.should_validate_final(cfg, step, validated):
                 self.validate(step, metrics_logger)
         self.export()
+
+    def _should_validate(self, step: int, epochs_before: int) -> bool:
+        """Whether to validate after ``step``; by epochs, process 0's count decides (hosts that skipped different
+        numbers of samples, or read different shards of a stream, may disagree on when an epoch ended)."""
+        decision = run.should_validate(self.config, step, epochs_before, self.data.completed_epochs)
+        if self.config.validation_epochs:
+            return parallel.process_zero_decides(decision)
+        return decision
 
     def compile_step(self, batch: dict[str, jax.Array]) -> Any:
         """Compile the step ahead of time, once, and log what XLA says it needs."""
