@@ -1,14 +1,15 @@
 """The real train step compiled for TPU generations on this CPU machine: memory against HBM, FLOPs, largest batch.
 
-    python benchmarks/tpu_compile.py --model sd15|sd21|tiny|PIPELINE_FOLDER [--task text_to_image]
+    python benchmarks/tpu_compile.py --model sd15|sd21|sdxl|tiny|tiny_sdxl|PIPELINE_FOLDER [--task sdxl]
         --topology v5p-8[,v4-8,...] [--per_device_batch 1] [--gradient_checkpointing] [--mesh DxM]
         [--max_batch] [--json]
 
 Needs libtpu (``pip install -e ".[tpu]"``); no TPU. jax runs on the host CPU and libtpu compiles for a topology
 description (`jax.experimental.topologies.get_topology_desc`), so XLA's TPU compiler reports what the program needs
 on the real chips. The step is the trainer's own (`jaxdiff.trainer.TrainProgram`), lowered from abstract shapes: the
-built-in model configs (the published config.json files of runwayml/stable-diffusion-v1-5 at 512 px and
-stabilityai/stable-diffusion-2-1 at 768 px, v-prediction) are written to a temporary pipeline folder, configs only,
+built-in model configs (the published config.json files of runwayml/stable-diffusion-v1-5 at 512 px,
+stabilityai/stable-diffusion-2-1 at 768 px, v-prediction, and stabilityai/stable-diffusion-xl-base-1.0 at 1024 px,
+task sdxl; ``tiny`` and ``tiny_sdxl``: the tests' shapes) are written to a temporary pipeline folder, configs only,
 no weights; ``--model FOLDER`` reads a local pipeline's configs instead. Training settings are the presets':
 bf16 compute, fp32 master weights, AdamW, EMA (``--no-use_ema`` drops it), images encoded by the frozen VAE each
 step (``--cache_latents`` trains on cached latents), ``--attention_implementation xla`` (what ``auto`` picks on an
@@ -174,6 +175,52 @@ _SD_VAE = {
     "sample_size": 512,
     "up_block_types": ["UpDecoderBlock2D"] * 4,
 }
+# CLIP ViT-L/14's text tower: SD 1.5's text encoder and SDXL's first.
+_CLIP_VIT_L = {
+    "architectures": ["CLIPTextModel"],
+    "bos_token_id": 0,
+    "eos_token_id": 2,
+    "hidden_act": "quick_gelu",
+    "hidden_size": 768,
+    "intermediate_size": 3072,
+    "max_position_embeddings": 77,
+    "model_type": "clip_text_model",
+    "num_attention_heads": 12,
+    "num_hidden_layers": 12,
+    "pad_token_id": 1,
+    "projection_dim": 768,
+    "vocab_size": 49408,
+}
+_TINY_VAE = {
+    **_SD_VAE,
+    "block_out_channels": [16, 32],
+    "down_block_types": ["DownEncoderBlock2D"] * 2,
+    "layers_per_block": 1,
+    "norm_num_groups": 8,
+    "sample_size": 32,
+    "up_block_types": ["UpDecoderBlock2D"] * 2,
+}
+_TINY_TEXT = {
+    "architectures": ["CLIPTextModel"],
+    "hidden_size": 32,
+    "intermediate_size": 37,
+    "max_position_embeddings": 16,
+    "model_type": "clip_text_model",
+    "num_attention_heads": 4,
+    "num_hidden_layers": 2,
+    "vocab_size": 1000,
+}
+_SDXL_PIPELINE = {
+    "_class_name": "StableDiffusionXLPipeline",
+    "force_zeros_for_empty_prompt": True,
+    "scheduler": ["diffusers", "EulerDiscreteScheduler"],
+    "text_encoder": ["transformers", "CLIPTextModel"],
+    "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+    "tokenizer": ["transformers", "CLIPTokenizer"],
+    "tokenizer_2": ["transformers", "CLIPTokenizer"],  # SDXL's pads with "!" (no tokenizer is written here)
+    "unet": ["diffusers", "UNet2DConditionModel"],
+    "vae": ["diffusers", "AutoencoderKL"],
+}
 _SD_BETAS = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "num_train_timesteps": 1000}
 _SD_PIPELINE = {
     "_class_name": "StableDiffusionPipeline",
@@ -213,21 +260,7 @@ MODELS: dict[str, dict[str, dict[str, Any]]] = {
             "up_block_types": _CROSS_UP,
         },
         "vae/config.json": _SD_VAE,
-        "text_encoder/config.json": {
-            "architectures": ["CLIPTextModel"],
-            "bos_token_id": 0,
-            "eos_token_id": 2,
-            "hidden_act": "quick_gelu",
-            "hidden_size": 768,
-            "intermediate_size": 3072,
-            "max_position_embeddings": 77,
-            "model_type": "clip_text_model",
-            "num_attention_heads": 12,
-            "num_hidden_layers": 12,
-            "pad_token_id": 1,
-            "projection_dim": 768,
-            "vocab_size": 49408,
-        },
+        "text_encoder/config.json": _CLIP_VIT_L,
     },
     # stabilityai/stable-diffusion-2-1 (768 px, v-prediction): OpenCLIP ViT-H text encoder (its first 23 layers,
     # 1024 wide), per-block head counts, linear projections, attention upcast to float32.
@@ -274,6 +307,63 @@ MODELS: dict[str, dict[str, dict[str, Any]]] = {
             "vocab_size": 49408,
         },
     },
+    # stabilityai/stable-diffusion-xl-base-1.0 (1024 px): a 3-level UNet (no attention at the first level, 1, 2 and
+    # 10 transformer layers per block) conditioned on CLIP ViT-L's and OpenCLIP bigG's penultimate states (768 +
+    # 1280) and, through text_time, on bigG's projected pooled state and 6 size numbers (6 x 256 + 1280 = 2816);
+    # its VAE stays in float32 (force_upcast).
+    "sdxl": {
+        "model_index.json": _SDXL_PIPELINE,
+        "scheduler/scheduler_config.json": {
+            "_class_name": "EulerDiscreteScheduler",
+            **_SD_BETAS,
+            "clip_sample": False,
+            "interpolation_type": "linear",
+            "prediction_type": "epsilon",
+            "sample_max_value": 1.0,
+            "set_alpha_to_one": False,
+            "skip_prk_steps": True,
+            "steps_offset": 1,
+            "timestep_spacing": "leading",
+            "use_karras_sigmas": False,
+        },
+        "unet/config.json": {
+            "_class_name": "UNet2DConditionModel",
+            "act_fn": "silu",
+            "addition_embed_type": "text_time",
+            "addition_embed_type_num_heads": 64,
+            "addition_time_embed_dim": 256,
+            "attention_head_dim": [5, 10, 20],
+            "block_out_channels": [320, 640, 1280],
+            "cross_attention_dim": 2048,
+            "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+            "in_channels": 4,
+            "layers_per_block": 2,
+            "norm_num_groups": 32,
+            "out_channels": 4,
+            "projection_class_embeddings_input_dim": 2816,
+            "sample_size": 128,
+            "transformer_layers_per_block": [1, 2, 10],
+            "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+            "use_linear_projection": True,
+        },
+        "vae/config.json": {**_SD_VAE, "force_upcast": True, "sample_size": 1024, "scaling_factor": 0.13025},
+        "text_encoder/config.json": _CLIP_VIT_L,
+        "text_encoder_2/config.json": {
+            "architectures": ["CLIPTextModelWithProjection"],
+            "bos_token_id": 0,
+            "eos_token_id": 2,
+            "hidden_act": "gelu",
+            "hidden_size": 1280,
+            "intermediate_size": 5120,
+            "max_position_embeddings": 77,
+            "model_type": "clip_text_model",
+            "num_attention_heads": 20,
+            "num_hidden_layers": 32,
+            "pad_token_id": 1,
+            "projection_dim": 1280,
+            "vocab_size": 49408,
+        },
+    },
     # The tests' tiny SD 1.x shapes (tests/fixtures/pipelines.py) at 32 px: seconds per compile.
     "tiny": {
         "model_index.json": {**_SD_PIPELINE, "scheduler": ["diffusers", "DDPMScheduler"]},
@@ -289,24 +379,43 @@ MODELS: dict[str, dict[str, dict[str, Any]]] = {
             "sample_size": 16,
             "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
         },
-        "vae/config.json": {
-            **_SD_VAE,
-            "block_out_channels": [16, 32],
-            "down_block_types": ["DownEncoderBlock2D"] * 2,
+        "vae/config.json": _TINY_VAE,
+        "text_encoder/config.json": _TINY_TEXT,
+    },
+    # The tests' tiny SDXL shapes (tests/fixtures/pipelines.py) at 32 px: two text encoders of different widths
+    # (32 + 64), the second with projection, a text_time UNet with 1 and 2 transformer layers per block.
+    "tiny_sdxl": {
+        "model_index.json": _SDXL_PIPELINE,
+        "scheduler/scheduler_config.json": {
+            "_class_name": "EulerDiscreteScheduler",
+            **_SD_BETAS,
+            "steps_offset": 1,
+            "timestep_spacing": "leading",
+        },
+        "unet/config.json": {
+            "_class_name": "UNet2DConditionModel",
+            "addition_embed_type": "text_time",
+            "addition_time_embed_dim": 8,
+            "attention_head_dim": [2, 4],
+            "block_out_channels": [32, 64],
+            "cross_attention_dim": 96,
+            "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
             "layers_per_block": 1,
             "norm_num_groups": 8,
-            "sample_size": 32,
-            "up_block_types": ["UpDecoderBlock2D"] * 2,
+            "projection_class_embeddings_input_dim": 6 * 8 + 32,
+            "sample_size": 16,
+            "transformer_layers_per_block": [1, 2],
+            "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"],
+            "use_linear_projection": True,
         },
-        "text_encoder/config.json": {
-            "architectures": ["CLIPTextModel"],
-            "hidden_size": 32,
-            "intermediate_size": 37,
-            "max_position_embeddings": 16,
-            "model_type": "clip_text_model",
-            "num_attention_heads": 4,
-            "num_hidden_layers": 2,
-            "vocab_size": 1000,
+        "vae/config.json": {**_TINY_VAE, "force_upcast": True, "scaling_factor": 0.13025},
+        "text_encoder/config.json": _TINY_TEXT,
+        "text_encoder_2/config.json": {
+            **_TINY_TEXT,
+            "architectures": ["CLIPTextModelWithProjection"],
+            "hidden_act": "gelu",
+            "hidden_size": 64,
+            "projection_dim": 32,
         },
     },
 }

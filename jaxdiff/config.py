@@ -41,6 +41,8 @@ GROUPS: tuple[str, ...] = (
 )
 
 MESH_PATTERN = re.compile(r"^([1-9]\d*)x([1-9]\d*)$")
+#: Meshes named by their one axis, whatever the device count: `data` (the default) or `fsdp` (1xN).
+NAMED_MESHES = ("data", "fsdp")
 #: HOST:PORT of a coordinator: a host name, IPv4 address or bracketed IPv6 address, then the port.
 COORDINATOR_PATTERN = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9][A-Za-z0-9.-]*):(\d{1,5})$")
 
@@ -77,10 +79,10 @@ class TrainConfig(BaseModel):
     )
     mesh: str | None = _field(
         None,
-        "(jaxdiff) Device mesh 'DxM': D data-parallel replicas x M parameter shards (FSDP-style). "
-        "Default: every device on the data axis.",
+        "(jaxdiff) Device mesh 'DxM': D data-parallel replicas x M parameter shards (FSDP-style); 'fsdp' "
+        "shards over every device (1xN), 'data' replicates on every device (Nx1, the default; the torch "
+        "backend's only mesh).",
         group="Run",
-        backends=("jax",),
     )
     coordinator_address: str | None = _field(
         None,
@@ -434,8 +436,8 @@ class TrainConfig(BaseModel):
     @field_validator("mesh")
     @classmethod
     def _mesh_format(cls, value: str | None) -> str | None:
-        if value is not None and not MESH_PATTERN.match(value):
-            raise ValueError("must be 'DxM' with positive integers, e.g. 8x1, 2x4 or 1x8")
+        if value is not None and value not in NAMED_MESHES and not MESH_PATTERN.match(value):
+            raise ValueError("must be 'DxM' with positive integers (e.g. 8x1, 2x4, 1x8), 'data' or 'fsdp'")
         return value
 
     @field_validator("coordinator_address")
@@ -506,4 +508,9 @@ def unsupported_fields(config: TrainConfig) -> list[str]:
             )
         elif config.task is not None and config.task not in meta["tasks"]:
             problems.append(f"--{name} does not apply to task {config.task} (only {', '.join(meta['tasks'])})")
+    if config.backend == "torch" and config.mesh not in (None, "data"):
+        problems.append(
+            f"--mesh={config.mesh!r}: the torch backend trains data-parallel only (one replica per GPU, accelerate); "
+            "pass --mesh data or leave it out"
+        )
     return problems

@@ -1,10 +1,11 @@
-"""The framework-free half of the text-to-image task, shared by the JAX and torch tasks.
+"""The framework-free half of the text-to-image and SDXL tasks, shared by the JAX and torch tasks.
 
-Which models train and which stay frozen, the tokenizers, the latent shape, the timestep bias, and the
-host-drawn randoms of `--random_source host`. Each backend's task sets the attributes below and adds its
-models, on-device draws, loss and sampler.
+Which models train and which stay frozen, the tokenizers, the latent shape, the timestep bias, SDXL's
+micro-conditioning, and the host-drawn randoms of `--random_source host`. Each backend's task sets the attributes
+below and adds its models, on-device draws, loss and sampler.
 """
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -15,15 +16,16 @@ from jaxdiff.diffusion.training import host_draws, timestep_bias_weights
 
 
 class TextToImageRoles:
-    """Mixin: needs `config`, `unet`, `text_encoder`, `vae`, `vae_folder`, `tokenizer` and a `_common(...)` call at
-    init."""
+    """Mixin: needs `config`, `unet`, one attribute per name of `text_encoder_names`, `vae`, `vae_folder`,
+    `tokenizers` and a `_common(...)` call at init."""
+
+    #: The pipeline's text encoder folders (and attributes), in the order their states are concatenated.
+    text_encoder_names: tuple[str, ...] = ("text_encoder",)
 
     config: TrainConfig
     unet: Any
-    text_encoder: Any
     vae: Any
     vae_folder: Any
-    tokenizer: Any
 
     def _common(self, num_train_timesteps: int, unet_in_channels: int, vae_block_out_channels: int) -> None:
         """Sets `num_train_timesteps`, `timestep_weights` (None: uniform) and `latent_shape` (C, h, w)."""
@@ -45,29 +47,28 @@ class TextToImageRoles:
         self.latent_shape = (unet_in_channels, latent_size, latent_size)
 
     @property
+    def _text_encoders(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in self.text_encoder_names}
+
+    @property
     def trainable(self) -> dict[str, Any]:
         """Modules whose parameters are optimised (and exported)."""
-        models = {"unet": self.unet}
-        if self.config.train_text_encoder:
-            models["text_encoder"] = self.text_encoder
-        return models
+        return {"unet": self.unet, **(self._text_encoders if self.config.train_text_encoder else {})}
 
     @property
     def frozen(self) -> dict[str, Any]:
         """Modules used but not trained."""
-        models = {"vae": self.vae}
-        if not self.config.train_text_encoder:
-            models["text_encoder"] = self.text_encoder
-        return models
+        return {"vae": self.vae, **({} if self.config.train_text_encoder else self._text_encoders)}
+
+    @property
+    def tokenizer_folders(self) -> tuple[str, ...]:
+        """The tokenizer folder of each text encoder (``tokenizer``, ``tokenizer_2``), the data's tokenizers."""
+        return tuple(name.replace("text_encoder", "tokenizer") for name in self.text_encoder_names)
 
     @property
     def copied_components(self) -> dict[str, Any]:
         """Pipeline folders the export copies from elsewhere than the base pipeline: a separate VAE's."""
         return {"vae": Path(self.vae_folder)} if self.config.pretrained_vae_model_name_or_path else {}
-
-    @property
-    def tokenizers(self) -> tuple[Any, ...]:
-        return (self.tokenizer,)
 
     def draw_host(self, step: int, batch_size: int) -> dict[str, np.ndarray]:
         """The step's randoms drawn with NumPy from (seed, step) (`--random_source host`), identical in both
@@ -83,3 +84,24 @@ class TextToImageRoles:
             cfg.noise_offset,
             cfg.input_perturbation,
         )
+
+
+class SDXLRoles(TextToImageRoles):
+    """Mixin for SDXL: two text encoders (the second with projection, whose pooled ``text_embeds`` condition the
+    UNet) and the six micro-conditioning numbers. Also needs `root`, the local pipeline folder."""
+
+    text_encoder_names = ("text_encoder", "text_encoder_2")
+    root: Path
+
+    @property
+    def target_size(self) -> tuple[int, int]:
+        """(height, width) of the training images: the last two of the time ids (original h, w, crop top, left,
+        target h, w) that diffusers' ``compute_time_ids`` builds from each sample's original size and crop."""
+        return self.config.resolution, self.config.resolution
+
+    @property
+    def force_zeros_for_empty_prompt(self) -> bool:
+        """Whether the pipeline's unconditional embedding is zeros rather than the encoding of "" (SDXL base: yes;
+        diffusers' StableDiffusionXLPipeline defaults to it when model_index.json does not say)."""
+        index = json.loads((self.root / "model_index.json").read_text())
+        return bool(index.get("force_zeros_for_empty_prompt", True))

@@ -87,9 +87,11 @@ def to_host(tree: Any) -> Any:
 
 
 def mesh_shape(spec: str | None, device_count: int) -> tuple[int, int]:
-    """(data, fsdp) sizes for a 'DxM' spec; all devices on the data axis when spec is None."""
-    if spec is None:
+    """(data, fsdp) sizes for a 'DxM' spec, or 'data'/'fsdp' (every device on that axis); 'data' when None."""
+    if spec in (None, "data"):
         return device_count, 1
+    if spec == "fsdp":
+        return 1, device_count
     match = MESH_PATTERN.match(spec)
     if not match:
         raise ConfigError(f"--mesh={spec!r}: must be 'DxM' with positive integers, e.g. {device_count}x1")
@@ -127,8 +129,12 @@ def global_batch_size(train_batch_size: int, requested_global: int | None, mesh:
 
 
 def logical_to_spec(names: Sequence[str | None] | None, shape: Sequence[int], fsdp_size: int) -> PartitionSpec:
-    """PartitionSpec for one parameter: shard its best-preferred evenly divisible logical axis over fsdp."""
-    if not names or fsdp_size == 1:
+    """PartitionSpec for one parameter: shard its best-preferred evenly divisible logical axis over fsdp.
+
+    Vectors (biases, norm scales: a fraction of a percent of the weights) stay replicated: their gradients are sums
+    over the batch, which GSPMD cannot reduce-scatter onto a sharded vector without first replicating it.
+    """
+    if not names or fsdp_size == 1 or len(shape) < 2:
         return PartitionSpec()
     for preferred in FSDP_PREFERENCE:
         for dim, (name, size) in enumerate(zip(names, shape, strict=True)):

@@ -62,10 +62,15 @@ def test_cross_field_rules(values, message):
 
 
 def test_fields_are_refused_for_tasks_and_backends_that_ignore_them():
-    config = validate({"task": "text_to_image", "w_min": 3.0, "mesh": "2x4"}).model_copy(update={"backend": "torch"})
-    problems = unsupported_fields(config)
+    values = {"task": "text_to_image", "w_min": 3.0, "mesh": "2x4", "coordinator_address": "10.0.0.1:1234",
+              "num_processes": 2, "process_id": 0}  # fmt: skip
+    problems = unsupported_fields(validate(values).model_copy(update={"backend": "torch"}))
     assert any("--w_min does not apply to task text_to_image" in p for p in problems)
-    assert any("--mesh is not supported by the torch backend" in p for p in problems)
+    assert any("--coordinator_address is not supported by the torch backend" in p for p in problems)
+    assert any("--mesh='2x4': the torch backend trains data-parallel only" in p for p in problems)
+    # A preset's `mesh: fsdp` runs on GPUs with --mesh data: the torch backend's one mesh.
+    data_parallel = validate({"task": "sdxl", "mesh": "data"}).model_copy(update={"backend": "torch"})
+    assert unsupported_fields(data_parallel) == []
     # The LCM scripts parse --center_crop and ignore it; we honour it, so it is accepted.
     assert unsupported_fields(validate({"task": "lcm", "center_crop": True})) == []
 

@@ -55,6 +55,20 @@ def test_tiny_step_compiles_for_a_v4_8(tiny_sd_path):
     assert 1.0 < v4["flops_ratio"] < 1.6
 
 
+def test_tiny_sdxl_step_compiles_for_a_v4_8():
+    pytest.importorskip("libtpu", reason='libtpu not installed (pip install -e ".[tpu]"): no TPU compiler')
+    command = [sys.executable, str(SCRIPT), "--model", "tiny_sdxl", "--topology", "v4-8", "--mesh", "2x2", "--json"]
+    done = subprocess.run(command, capture_output=True, text=True, env=os.environ, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (row,) = (json.loads(line) for line in done.stdout.splitlines())
+    assert (row["model"], row["task"], row["mesh"]) == ("tiny_sdxl", "sdxl", "2x2")
+    assert (row["resolution"], row["global_batch"]) == (32, 4)
+    assert row["fits"] and row["argument_bytes"] <= row["peak_bytes"] < 0.01 * row["hbm_bytes"]
+    # The UNet trains; the VAE encoder and both text encoders run forward only.
+    assert row["model_flops_trained_forward"] > 0 and row["model_flops_frozen_forward"] > 0
+    assert 1.0 < row["flops_ratio"] < 1.6
+
+
 def _flops_program(params, frozen, x, image):
     h = jax.checkpoint(lambda w, x: x @ w)(params["w"], x)  # (4, 8) @ (8, 16): trained
     gram = jax.jit(lambda x: x @ x.T)(x)  # (4, 8) @ (8, 4): frozen
@@ -89,17 +103,38 @@ def test_built_in_models_have_the_published_parameter_counts(tpu_compile, tmp_pa
     expected = {
         "sd15": {"unet": 859_520_964, "vae": 83_653_863, "text_encoder": 123_060_480},
         "sd21": {"unet": 865_910_724, "vae": 83_653_863, "text_encoder": 340_387_840},
+        "sdxl": {"unet": 2_567_463_684, "vae": 83_653_863, "text_encoder": 123_060_480, "text_encoder_2": 694_659_840},
     }
-    settings = {"sd15": ("epsilon", 512), "sd21": ("v_prediction", 768)}
+    settings = {
+        "sd15": ("text_to_image", "epsilon", 512),
+        "sd21": ("text_to_image", "v_prediction", 768),
+        "sdxl": ("sdxl", "epsilon", 1024),
+    }
     for model, counts in expected.items():
         pipeline = tpu_compile.write_pipeline(model, tmp_path / model)
         args = tpu_compile.parse_args(["--model", model])
-        task = TASKS["text_to_image"](tpu_compile.train_config(args, pipeline, 1, False))
+        config = tpu_compile.train_config(args, pipeline, 1, False)
+        task = TASKS[config.task](config)  # abstract models: shapes only, no memory
         found = {
             name: sum(p.size for p in jax.tree.leaves(nnx.state(getattr(task, name), nnx.Param))) for name in counts
         }
         assert found == counts, model
-        assert (task.schedule.prediction_type, task.config.resolution) == settings[model]
+        assert (config.task, task.schedule.prediction_type, config.resolution) == settings[model]
+
+    # SDXL's batch: both tokenizers' ids (77 each) and the size conditioning; the VAE in float32 (force_upcast).
+    batch = task.abstract_batch(2)
+    assert {k: v.shape for k, v in batch.items()} == {
+        "pixel_values": (2, 3, 1024, 1024),
+        "input_ids": (2, 77),
+        "input_ids_2": (2, 77),
+        "original_size": (2, 2),
+        "crop_top_left": (2, 2),
+    }
+    assert task.vae_dtype == jnp.float32 and task.vae.config.scaling_factor == 0.13025
+    assert {k: v.shape for k, v in task.abstract_text(2).items()} == {
+        "encoder_hidden_states": (2, 77, 2048),
+        "text_embeds": (2, 1280),
+    }
 
 
 def test_bad_input_is_one_message(tpu_compile, capsys, monkeypatch):

@@ -7,6 +7,7 @@ loss, and the validation sampler. The trainer owns everything else.
 import functools
 import json
 import logging
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -18,10 +19,11 @@ from jaxdiff import diffusion
 from jaxdiff.config import TrainConfig
 from jaxdiff.data import fingerprint_files
 from jaxdiff.data.fingerprint import hash_json
+from jaxdiff.data.transforms import INPUT_IDS_KEYS, tokenize
 from jaxdiff.hub import HubOptions, resolve_model, resolve_pipeline
 from jaxdiff.models import nn
 from jaxdiff.models.autoencoder_kl import AutoencoderKL
-from jaxdiff.models.clip import CLIPTextModel
+from jaxdiff.models.clip import CLIPTextModel, CLIPTextModelWithProjection
 from jaxdiff.models.modeling import PretrainedWeights
 from jaxdiff.models.unet_2d_condition import UNet2DConditionModel
 from jaxdiff.objective import TextToImageRoles
@@ -40,15 +42,22 @@ class TextToImage(TextToImageRoles):
 
     name = "text_to_image"
 
+    #: The class of each text encoder folder (`text_encoder_names` of the roles), in conditioning order.
+    text_encoder_classes: ClassVar[dict[str, type[CLIPTextModel | CLIPTextModelWithProjection]]] = {
+        "text_encoder": CLIPTextModel
+    }
+    #: Batch keys of the text conditioning (`encode_prompt`'s outputs, also what the latent cache stores).
+    text_keys: ClassVar[tuple[str, ...]] = ("encoder_hidden_states",)
+
     def __init__(self, config: TrainConfig) -> None:
         """Reads the pipeline's configs and builds its models abstractly; `pretrained` says where the weights are
         (the trainer loads them into their sharded arrays)."""
         self.config = config
         options = HubOptions.from_config(config)
         vae_id = config.pretrained_vae_model_name_or_path
-        models = ("unet", "text_encoder") if vae_id else ("unet", "vae", "text_encoder")
+        models = ("unet", *self.text_encoder_names, *(() if vae_id else ("vae",)))
         root = resolve_pipeline(config.pretrained_model_name_or_path, models, options)
-        self.root = root  # local files: tokenizer, scheduler, weights
+        self.root = root  # local files: tokenizers, scheduler, weights
         self.model_path = config.pretrained_model_name_or_path  # what the export copies from (id or folder)
         compute = COMPUTE_DTYPES[config.mixed_precision]
         load = {"variant": options.variant, "allow_pickle": options.allow_pickle}
@@ -58,14 +67,23 @@ class TextToImage(TextToImageRoles):
         self.unet, self.pretrained["unet"] = UNet2DConditionModel.abstract_from_pretrained(
             root, "unet", dtype=compute, gradient_checkpointing=config.gradient_checkpointing, **load, **runtime
         )
-        text_dtype = jnp.float32 if config.train_text_encoder else compute
-        self.text_encoder, self.pretrained["text_encoder"] = CLIPTextModel.abstract_from_pretrained(
-            root, "text_encoder", dtype=compute, param_dtype=text_dtype, **load, **runtime
-        )
+        # Trained text encoders keep float32 weights (and remat with the UNet); frozen ones the compute dtype.
+        train_text = config.train_text_encoder
+        for name in self.text_encoder_names:
+            module, self.pretrained[name] = self.text_encoder_classes[name].abstract_from_pretrained(
+                root,
+                name,
+                dtype=compute,
+                param_dtype=jnp.float32 if train_text else compute,
+                gradient_checkpointing=train_text and config.gradient_checkpointing,
+                **load,
+                **runtime,
+            )
+            setattr(self, name, module)
         vae_options = options.for_other_repo() if vae_id else options
         vae_folder = resolve_model(vae_id, None, AutoencoderKL.weights_name, vae_options) if vae_id else root / "vae"
         self.vae_folder = vae_folder
-        self.frozen_folders = [vae_folder] + ([] if config.train_text_encoder else [root / "text_encoder"])
+        self.frozen_folders = [vae_folder] + ([] if train_text else [root / n for n in self.text_encoder_names])
         # diffusers keeps a VAE marked force_upcast (SDXL's) in float32 whatever the training precision.
         self.vae_dtype = jnp.float32 if read_config(vae_folder).get("force_upcast", True) else compute
         self.vae, self.pretrained["vae"] = AutoencoderKL.abstract_from_pretrained(
@@ -85,31 +103,31 @@ class TextToImage(TextToImageRoles):
         )
 
     @functools.cached_property
-    def tokenizer(self) -> CLIPTokenizer:
-        """The pipeline's tokenizer, read when first needed (compiling a step needs none)."""
-        return CLIPTokenizer.from_pretrained(self.root / "tokenizer")
+    def tokenizers(self) -> tuple[CLIPTokenizer, ...]:
+        """The pipeline's tokenizer(s), one per text encoder, read when first needed (compiling a step needs none)."""
+        return tuple(CLIPTokenizer.from_pretrained(self.root / folder) for folder in self.tokenizer_folders)
 
     def abstract_batch(self, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
-        """Shapes and dtypes of a batch of ``batch_size`` as the data pipeline delivers it (images and token ids,
-        or with --cache_latents the cached latent distribution and text states)."""
-        max_length = self.text_encoder.config.max_position_embeddings
+        """Shapes and dtypes of a batch of ``batch_size`` as the data pipeline delivers it (images, token ids and
+        SDXL's sizes, or with --cache_latents the cached latent distribution and text states)."""
+        sizes = {key: jax.ShapeDtypeStruct((batch_size, 2), jnp.int32) for key in ("original_size", "crop_top_left")}
         if not self.config.cache_latents:
             size = self.config.resolution
-            return {
-                "pixel_values": jax.ShapeDtypeStruct((batch_size, 3, size, size), jnp.float32),
-                "input_ids": jax.ShapeDtypeStruct((batch_size, max_length), jnp.int32),
+            ids = {
+                key: jax.ShapeDtypeStruct((batch_size, getattr(self, name).config.max_position_embeddings), jnp.int32)
+                for key, name in zip(INPUT_IDS_KEYS, self.text_encoder_names, strict=False)
             }
+            return {"pixel_values": jax.ShapeDtypeStruct((batch_size, 3, size, size), jnp.float32), **ids, **sizes}
         latent = jax.ShapeDtypeStruct(
             (batch_size, self.vae.config.latent_channels, *self.latent_shape[1:]), jnp.float32
         )
-        return {
-            "latent_mean": latent,
-            "latent_logvar": latent,
-            "encoder_hidden_states": jax.ShapeDtypeStruct(
-                (batch_size, max_length, self.text_encoder.config.hidden_size),
-                COMPUTE_DTYPES[self.config.mixed_precision],
-            ),
-        }
+        return {"latent_mean": latent, "latent_logvar": latent, **self.abstract_text(batch_size), **sizes}
+
+    def abstract_text(self, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
+        """Shapes and dtypes of `encode_prompt`'s outputs (cached text states) for ``batch_size`` prompts."""
+        config = self.text_encoder.config
+        shape = (batch_size, config.max_position_embeddings, config.hidden_size)
+        return {"encoder_hidden_states": jax.ShapeDtypeStruct(shape, COMPUTE_DTYPES[self.config.mixed_precision])}
 
     def draw(self, rng: jax.Array, batch_size: int) -> Batch:
         """Every random number one optimizer step needs, per sample, drawn for the whole global batch.
@@ -137,8 +155,21 @@ class TextToImage(TextToImageRoles):
         return _encode_images(self.vae, jnp.asarray(pixel_values, self.vae_dtype))
 
     def encode_text(self, ids: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-        """The frozen text encoder's hidden states, for the latent cache (batch key `encoder_hidden_states`)."""
-        return {"encoder_hidden_states": _encode_text(self.text_encoder, jnp.asarray(ids["input_ids"]))}
+        """The frozen text encoder(s)' conditioning (`text_keys`), for the latent cache."""
+        return self._encode_prompt_jit(self._text_encoders, {k: jnp.asarray(v) for k, v in ids.items()})
+
+    @functools.cached_property
+    def _encode_prompt_jit(self) -> Any:
+        return nnx.jit(self.encode_prompt)
+
+    def encode_prompt(self, models: Models, ids: Batch) -> Batch:
+        """The text conditioning (`text_keys`) of token ids (`input_ids`, ...): the text encoder's last states."""
+        return {"encoder_hidden_states": models["text_encoder"](ids["input_ids"]).last_hidden_state}
+
+    def unet_conditioning(self, text: Batch, batch: Batch) -> dict[str, Any]:
+        """The UNet's keyword arguments besides sample and timestep, from the text conditioning (and for SDXL the
+        batch's sizes)."""
+        return {"encoder_hidden_states": text["encoder_hidden_states"]}
 
     def cache_fingerprint(self) -> str:
         """Identifies what the cache's encoders compute: their weight files and dtypes."""
@@ -160,39 +191,42 @@ class TextToImage(TextToImageRoles):
         """Mean (Min-SNR weighted) denoising loss of one micro-batch."""
         cfg = self.config
         latents = self.latents(models["vae"], batch, randoms["latent_eps"])
-        if "encoder_hidden_states" in batch:  # from the latent cache
-            text_states = batch["encoder_hidden_states"]
-        else:
-            text_states = models["text_encoder"](batch["input_ids"]).last_hidden_state
+        cached = self.text_keys[0] in batch  # the latent cache's text states
+        text = {k: batch[k] for k in self.text_keys} if cached else self.encode_prompt(models, batch)
         t = randoms["timesteps"]
         noisy = diffusion.add_noise(self.schedule, latents, randoms["noise_in"], t)
         target = diffusion.training_target(self.schedule, latents, randoms["noise"], t)
-        prediction = models["unet"](noisy, t, text_states).sample
+        prediction = models["unet"](noisy, t, **self.unet_conditioning(text, batch)).sample
         per_sample = diffusion.per_sample_loss(prediction, target, cfg.loss_type, cfg.huber_c)
         if cfg.snr_gamma is not None:
             snr = diffusion.compute_snr(self.schedule, t)
             per_sample = per_sample * diffusion.min_snr_loss_weights(snr, cfg.snr_gamma, self.schedule.prediction_type)
         return jnp.mean(per_sample)
 
-    def tokenize(self, prompts: list[str]) -> np.ndarray:
-        """Token ids (len(prompts), max_length) for validation prompts, padded as in training."""
-        return np.asarray(
-            self.tokenizer(
-                prompts, padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True
-            ).input_ids,
-            np.int32,
-        )
+    def tokenize(self, prompts: list[str]) -> dict[str, np.ndarray]:
+        """Token ids per tokenizer (`input_ids`, ...), each (len(prompts), max_length), padded as in training."""
+        return tokenize(self.tokenizers, prompts)
 
-    def sample(self, models: Models, prompt_ids: jax.Array, rng: jax.Array) -> jax.Array:
-        """Images (B, H, W, 3) in [0, 1] for prompt token ids (B, L), from DDIM with classifier-free guidance."""
+    def guidance_text(self, models: Models, prompt_ids: Batch) -> Batch:
+        """The text conditioning of the doubled sampling batch [unconditional; prompts]: the unconditional half is
+        the encoding of "", as diffusers' StableDiffusionPipeline does without a negative prompt."""
+        uncond = {k: np.broadcast_to(v, prompt_ids[k].shape) for k, v in self.tokenize([""]).items()}
+        return self.encode_prompt(models, {k: jnp.concatenate([uncond[k], prompt_ids[k]]) for k in prompt_ids})
+
+    def sampling_batch(self, rows: int) -> Batch:
+        """What `unet_conditioning` reads from the batch besides text, for ``rows`` generated images: nothing."""
+        return {}
+
+    def sample(self, models: Models, prompt_ids: Batch, rng: jax.Array) -> jax.Array:
+        """Images (B, H, W, 3) in [0, 1] for prompt token ids (`tokenize`'s, B each), from DDIM with classifier-free
+        guidance."""
         cfg = self.config
-        batch = prompt_ids.shape[0]
-        uncond_ids = jnp.asarray(np.broadcast_to(self.tokenize([""]), prompt_ids.shape))
-        states = models["text_encoder"](jnp.concatenate([uncond_ids, prompt_ids])).last_hidden_state
+        batch = prompt_ids["input_ids"].shape[0]
+        conditioning = self.unet_conditioning(self.guidance_text(models, prompt_ids), self.sampling_batch(2 * batch))
         unet = models["unet"]
 
         def model_fn(x: jax.Array, t: jax.Array) -> jax.Array:
-            return unet(x, t, states).sample.astype(jnp.float32)
+            return unet(x, t, **conditioning).sample.astype(jnp.float32)
 
         guided = diffusion.classifier_free_guidance(model_fn, cfg.validation_guidance_scale)
         noise = jax.random.normal(rng, (batch, *self.latent_shape))
@@ -206,8 +240,3 @@ class TextToImage(TextToImageRoles):
 def _encode_images(vae: AutoencoderKL, pixels: jax.Array) -> tuple[jax.Array, jax.Array]:
     dist = vae.encode(pixels).latent_dist
     return dist.mean, dist.logvar
-
-
-@nnx.jit
-def _encode_text(text_encoder: CLIPTextModel, input_ids: jax.Array) -> jax.Array:
-    return text_encoder(input_ids).last_hidden_state

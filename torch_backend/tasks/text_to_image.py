@@ -1,16 +1,24 @@
 """Text-to-image fine-tuning of SD 1.x/2.x on torch: jaxdiff.tasks.text_to_image's objective with diffusers' models.
 
 As in the JAX task, the task owns which models load and which train, the per-sample random draws, the loss and the
-validation sampler; the trainer owns everything else.
+validation sampler; the trainer owns everything else. The text conditioning goes through the same hooks as the JAX
+task's (`encode_prompt`, `unet_conditioning`, `text_keys`), which the SDXL task overrides.
 """
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    DDPMScheduler,
+    DiffusionPipeline,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from jaxdiff.config import TrainConfig
@@ -52,6 +60,11 @@ class TextToImage(TextToImageRoles):
 
     name = "text_to_image"
 
+    #: The transformers class of each text encoder folder (`text_encoder_names` of the roles).
+    text_encoder_classes: ClassVar[dict[str, type[torch.nn.Module]]] = {"text_encoder": CLIPTextModel}
+    #: Batch keys of the text conditioning (`encode_prompt`'s outputs, also what the latent cache stores).
+    text_keys: ClassVar[tuple[str, ...]] = ("encoder_hidden_states",)
+
     def __init__(self, config: TrainConfig, device: torch.device) -> None:
         self.config = config
         self.device = device
@@ -60,17 +73,20 @@ class TextToImage(TextToImageRoles):
         # The files the JAX task reads, fetched by the shared resolver; every model loads from a local folder.
         options = HubOptions.from_config(config)
         vae_path = config.pretrained_vae_model_name_or_path
-        models = ("unet", "text_encoder") if vae_path else ("unet", "vae", "text_encoder")
-        root = resolve_pipeline(self.model_path, models, options)
+        models = ("unet", *self.text_encoder_names, *(() if vae_path else ("vae",)))
+        self.root = root = resolve_pipeline(self.model_path, models, options)
         vae_options = options.for_other_repo() if vae_path else options
         self.vae_folder = resolve_model(vae_path, None, VAE_WEIGHTS, vae_options) if vae_path else root / "vae"
-        self.text_encoder_folder = root / "text_encoder"
-        self.tokenizer = load_pretrained(CLIPTokenizer, root / "tokenizer")
+        train_text = config.train_text_encoder
+        self.frozen_folders = [self.vae_folder] + ([] if train_text else [root / n for n in self.text_encoder_names])
+        self.tokenizers = tuple(load_pretrained(CLIPTokenizer, root / folder) for folder in self.tokenizer_folders)
         self.scheduler = load_pretrained(DDPMScheduler, root / "scheduler")
         if config.prediction_type:
             self.scheduler.register_to_config(prediction_type=config.prediction_type)
         self.unet = load_pretrained(UNet2DConditionModel, root / "unet", **_weights(options))
-        self.text_encoder = load_pretrained(CLIPTextModel, self.text_encoder_folder, **_weights(options))
+        for name in self.text_encoder_names:
+            encoder = load_pretrained(self.text_encoder_classes[name], root / name, **_weights(options))
+            setattr(self, name, encoder)
         self.vae = load_pretrained(AutoencoderKL, self.vae_folder, **_weights(vae_options))
 
         # Trained weights in float32; frozen ones in the compute dtype, except a VAE marked force_upcast (as in
@@ -80,19 +96,20 @@ class TextToImage(TextToImageRoles):
         if self.vae_dtype != torch.float32:
             self.vae.to(dtype=self.vae_dtype)
         self.unet.to(device).train()
-        self.text_encoder.to(device)
-        if config.train_text_encoder:
-            self.text_encoder.train()
-        else:
-            self.text_encoder.requires_grad_(False)
-            if weight_dtype != torch.float32:
-                self.text_encoder.to(dtype=weight_dtype)
         if config.gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
-            if config.train_text_encoder:
+        for encoder in self._text_encoders.values():
+            encoder.to(device)
+            if not train_text:
+                encoder.requires_grad_(False)
+                if weight_dtype != torch.float32:
+                    encoder.to(dtype=weight_dtype)
+                continue
+            encoder.train()
+            if config.gradient_checkpointing:
                 # activation_checkpointing_enable replaces the deprecated name in later transformers 5 releases.
-                enable = getattr(self.text_encoder, "activation_checkpointing_enable", None)
-                (enable or self.text_encoder.gradient_checkpointing_enable)()
+                enable = getattr(encoder, "activation_checkpointing_enable", None)
+                (enable or encoder.gradient_checkpointing_enable)()
 
         self._common(
             self.scheduler.config.num_train_timesteps,
@@ -127,16 +144,24 @@ class TextToImage(TextToImageRoles):
 
     @torch.no_grad()
     def encode_text(self, ids: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """The frozen text encoder's hidden states, for the latent cache (batch key `encoder_hidden_states`)."""
-        input_ids = torch.from_numpy(ids["input_ids"]).to(self.device).long()
-        return {"encoder_hidden_states": self.text_encoder(input_ids, return_dict=False)[0].float().cpu().numpy()}
+        """The frozen text encoder(s)' conditioning (`text_keys`) as float32, for the latent cache."""
+        tensors = {k: torch.from_numpy(v).to(self.device) for k, v in ids.items()}
+        return {k: v.float().cpu().numpy() for k, v in self.encode_prompt(self._text_encoders, tensors).items()}
+
+    def encode_prompt(self, models: Models, ids: Batch) -> Batch:
+        """The text conditioning (`text_keys`) of token ids (`input_ids`, ...): the text encoder's last states."""
+        return {"encoder_hidden_states": models["text_encoder"](ids["input_ids"].long(), return_dict=False)[0]}
+
+    def unet_conditioning(self, text: Batch, batch: Batch) -> dict[str, Any]:
+        """The UNet's keyword arguments besides sample and timestep, from the text conditioning (and for SDXL the
+        batch's sizes)."""
+        return {"encoder_hidden_states": text["encoder_hidden_states"]}
 
     def cache_fingerprint(self) -> str:
         """Identifies what the cache's encoders compute: their weight files, dtypes and this backend."""
-        cfg = self.config
-        folders = [self.vae_folder] + ([] if cfg.train_text_encoder else [self.text_encoder_folder])
-        dtypes = [str(self.vae_dtype), str(self.text_encoder.dtype)]
-        return hash_json(["torch", [fingerprint_files(f) for f in folders], dtypes, cfg.mixed_precision])
+        dtypes = [str(self.vae_dtype), *(str(m.dtype) for m in self._text_encoders.values())]
+        folders = [fingerprint_files(f) for f in self.frozen_folders]
+        return hash_json(["torch", folders, dtypes, self.config.mixed_precision])
 
     def latents(self, vae: AutoencoderKL, batch: Batch, latent_eps: torch.Tensor) -> torch.Tensor:
         """Scaled float32 latents drawn from the posterior (cached, or encoded now by the frozen VAE):
@@ -154,15 +179,15 @@ class TextToImage(TextToImageRoles):
         """Mean (Min-SNR weighted) denoising loss of one micro-batch."""
         cfg = self.config
         latents = self.latents(models["vae"], batch, randoms["latent_eps"])
-        if "encoder_hidden_states" in batch:  # from the latent cache
-            text_states = batch["encoder_hidden_states"]
+        if self.text_keys[0] in batch:  # the latent cache's text states
+            text = {k: batch[k] for k in self.text_keys}
         else:
             with torch.set_grad_enabled(cfg.train_text_encoder and torch.is_grad_enabled()):
-                text_states = models["text_encoder"](batch["input_ids"].long(), return_dict=False)[0]
+                text = self.encode_prompt(models, batch)
         timesteps = randoms["timesteps"].long()
         noisy = self.scheduler.add_noise(latents, randoms["noise_in"], timesteps)
         target = training_target(self.scheduler, latents, randoms["noise"], timesteps)
-        prediction = models["unet"](noisy, timesteps, text_states, return_dict=False)[0]
+        prediction = models["unet"](noisy, timesteps, **self.unet_conditioning(text, batch), return_dict=False)[0]
         return snr_weighted_loss(
             self.scheduler,
             prediction,
@@ -173,20 +198,24 @@ class TextToImage(TextToImageRoles):
             snr_gamma=cfg.snr_gamma,
         )
 
-    def sample(self, models: Models, prompt: str, num_images: int, generator: torch.Generator) -> np.ndarray:
-        """Images (N, H, W, 3) in [0, 1] for one prompt: DDIM with classifier-free guidance, via diffusers'
-        StableDiffusionPipeline built from the in-memory (unwrapped) models."""
-        cfg = self.config
-        pipeline = StableDiffusionPipeline(
+    def sampling_pipeline(self, models: Models) -> DiffusionPipeline:
+        """diffusers' StableDiffusionPipeline of the in-memory (unwrapped) models, with a DDIM scheduler."""
+        return StableDiffusionPipeline(
             vae=models["vae"],
             text_encoder=models["text_encoder"],
-            tokenizer=self.tokenizer,
+            tokenizer=self.tokenizers[0],
             unet=models["unet"],
             scheduler=DDIMScheduler.from_config(self.scheduler.config),
             safety_checker=None,
             feature_extractor=None,
             requires_safety_checker=False,
         )
+
+    def sample(self, models: Models, prompt: str, num_images: int, generator: torch.Generator) -> np.ndarray:
+        """Images (N, H, W, 3) in [0, 1] for one prompt: DDIM with classifier-free guidance, via diffusers'
+        pipeline of the task (`sampling_pipeline`)."""
+        cfg = self.config
+        pipeline = self.sampling_pipeline(models)
         pipeline.set_progress_bar_config(disable=True)
         return pipeline(
             prompt,
