@@ -5,6 +5,7 @@ micro-conditioning, and the host-drawn randoms of `--random_source host`. Each b
 below and adds its models, on-device draws, loss and sampler.
 """
 
+import functools
 import json
 from pathlib import Path
 from typing import Any
@@ -99,7 +100,7 @@ class SDXLRoles(TextToImageRoles):
         target h, w) that diffusers' ``compute_time_ids`` builds from each sample's original size and crop."""
         return self.config.resolution, self.config.resolution
 
-    @property
+    @functools.cached_property
     def force_zeros_for_empty_prompt(self) -> bool:
         """Whether the pipeline's unconditional embedding is zeros rather than the encoding of "" (SDXL base: yes;
         diffusers' StableDiffusionXLPipeline defaults to it when model_index.json does not say)."""

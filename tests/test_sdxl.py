@@ -7,7 +7,7 @@ from safetensors.numpy import load_file
 
 from jaxdiff import cli
 from jaxdiff.tasks import TASKS
-from tests.test_trainer import VALIDATE, metrics, sample_steps, train, unet_weights
+from tests.test_trainer import VALIDATE, metrics, sample_steps, straight_and_resumed, train, unet_weights
 
 PROMPTS = ["a red circle on blue background", "a green square", ""]
 
@@ -114,12 +114,8 @@ def test_the_sharded_step_moves_no_activations_involuntarily(tmp_path, tiny_sdxl
 
 
 def test_resume_is_exact(tmp_path, tiny_sdxl_path, shapes_dataset):
-    flags = ("--use_ema", "--snr_gamma", "5.0", "--random_flip", "--checkpointing_steps", "2", "--max_train_steps")
-    straight = train(tmp_path, "straight", tiny_sdxl_path, shapes_dataset, *flags, "4")
-    train(tmp_path, "resumed", tiny_sdxl_path, shapes_dataset, *flags, "2")
-    resumed = train(
-        tmp_path, "resumed", tiny_sdxl_path, shapes_dataset, *flags, "4", "--resume_from_checkpoint", "latest"
-    )
+    flags = ("--use_ema", "--snr_gamma", "5.0", "--random_flip", "--checkpointing_steps", "2")
+    straight, resumed = straight_and_resumed(tmp_path, tiny_sdxl_path, shapes_dataset, *flags)
     assert [r["loss"] for r in metrics(resumed)] == [r["loss"] for r in metrics(straight)]
     a, b = unet_weights(straight), unet_weights(resumed)
     assert all(np.array_equal(a[k], b[k]) for k in a)

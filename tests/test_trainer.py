@@ -39,6 +39,15 @@ def train(tmp_path, name, model, data, *flags):
     return out
 
 
+def straight_and_resumed(tmp_path, model, data, *flags, steps=4):
+    """(a run of ``steps`` steps, the same run stopped by --max_train_steps halfway and resumed from its
+    checkpoint): output folders "straight" and "resumed"."""
+    straight = train(tmp_path, "straight", model, data, *flags, "--max_train_steps", str(steps))
+    train(tmp_path, "resumed", model, data, *flags, "--max_train_steps", str(steps // 2))
+    resume = ("--max_train_steps", str(steps), "--resume_from_checkpoint", "latest")
+    return straight, train(tmp_path, "resumed", model, data, *flags, *resume)
+
+
 def metrics(out):
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
@@ -116,11 +125,8 @@ def test_end_to_end_export_loads_in_diffusers(tmp_path, tiny_sd_path, shapes_dat
 
 def test_resume_is_exact_also_after_sigterm(tmp_path, tiny_sd_path, shapes_dataset, monkeypatch):
     flags = ("--use_ema", "--checkpointing_steps", "2", "--max_train_steps", "4")
-    straight = train(tmp_path, "straight", tiny_sd_path, shapes_dataset, *flags)
-
     # Stopped after 2 of 4 steps by --max_train_steps, then resumed.
-    train(tmp_path, "resumed", tiny_sd_path, shapes_dataset, *flags[:-1], "2")
-    resumed = train(tmp_path, "resumed", tiny_sd_path, shapes_dataset, *flags, "--resume_from_checkpoint", "latest")
+    straight, resumed = straight_and_resumed(tmp_path, tiny_sd_path, shapes_dataset, *flags[:-2])
 
     # Preempted: a real SIGTERM arrives during step 3 (no checkpoint due); the run saves step 3 and exits cleanly.
     save = Checkpointer.save

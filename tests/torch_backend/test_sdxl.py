@@ -9,7 +9,7 @@ from jaxdiff import cli
 from jaxdiff.data.transforms import tokenize
 from jaxdiff.train import main
 from jaxdiff.trainer import Trainer
-from tests.test_trainer import VALIDATE, metrics, sample_steps, train, unet_weights
+from tests.test_trainer import VALIDATE, metrics, sample_steps, straight_and_resumed, train, unet_weights
 from tests.torch_backend.test_parity import config
 from tests.torch_backend.test_trainer import TORCH, _argv, _one_error_line
 from torch_backend.tasks import TASKS
@@ -50,12 +50,7 @@ def test_end_to_end_resume_validation_and_export(tmp_path, tiny_sdxl_path, shape
         *TORCH, "--train_batch_size", "2", "--gradient_accumulation_steps", "2", "--use_ema", "--snr_gamma", "5.0",
         "--random_flip", "--checkpointing_steps", "2", *VALIDATE, "--validation_steps", "2",
     )  # fmt: skip
-    straight = train(tmp_path, "straight", tiny_sdxl_path, shapes_dataset, *flags, "--max_train_steps", "4")
-    train(tmp_path, "resumed", tiny_sdxl_path, shapes_dataset, *flags, "--max_train_steps", "2")
-    resumed = train(
-        tmp_path, "resumed", tiny_sdxl_path, shapes_dataset, *flags, "--max_train_steps", "4",
-        "--resume_from_checkpoint", "latest",
-    )  # fmt: skip
+    straight, resumed = straight_and_resumed(tmp_path, tiny_sdxl_path, shapes_dataset, *flags)
     rows = metrics(straight)
     assert [r["step"] for r in rows] == [1, 2, 3, 4] and all(np.isfinite(r["loss"]) for r in rows)
     assert [r["loss"] for r in metrics(resumed)] == [r["loss"] for r in rows]  # 2N steps == N + resume N

@@ -18,6 +18,7 @@ from tests.test_trainer import (
     check_files_honour_the_umask,
     check_validation_runs,
     metrics,
+    straight_and_resumed,
     train,
     unet_weights,
 )
@@ -70,14 +71,8 @@ def test_end_to_end_resume_and_export_loads_in_diffusers(tmp_path, tiny_sd_path,
 
 def test_resume_is_exact_also_after_sigterm(tmp_path, tiny_sd_path, shapes_dataset, monkeypatch):
     flags = (*TORCH, "--use_ema", "--gradient_accumulation_steps", "2", "--checkpointing_steps", "2")
-    straight = train(tmp_path, "straight", tiny_sd_path, shapes_dataset, *flags, "--max_train_steps", "4")
-
     # Stopped after 2 of 4 steps by --max_train_steps, then resumed.
-    train(tmp_path, "resumed", tiny_sd_path, shapes_dataset, *flags, "--max_train_steps", "2")
-    resumed = train(
-        tmp_path, "resumed", tiny_sd_path, shapes_dataset, *flags, "--max_train_steps", "4",
-        "--resume_from_checkpoint", "latest",
-    )  # fmt: skip
+    straight, resumed = straight_and_resumed(tmp_path, tiny_sd_path, shapes_dataset, *flags)
 
     # Preempted: a real SIGTERM arrives during step 3 (no checkpoint due); the run saves step 3 and exits cleanly.
     save = TorchCheckpointer.save
