@@ -129,12 +129,8 @@ def global_batch_size(train_batch_size: int, requested_global: int | None, mesh:
 
 
 def logical_to_spec(names: Sequence[str | None] | None, shape: Sequence[int], fsdp_size: int) -> PartitionSpec:
-    """PartitionSpec for one parameter: shard its best-preferred evenly divisible logical axis over fsdp.
-
-    Vectors (biases, norm scales: a fraction of a percent of the weights) stay replicated: their gradients are sums
-    over the batch, which GSPMD cannot reduce-scatter onto a sharded vector without first replicating it.
-    """
-    if not names or fsdp_size == 1 or len(shape) < 2:
+    """PartitionSpec for one parameter: shard its best-preferred evenly divisible logical axis over fsdp."""
+    if not names or fsdp_size == 1:
         return PartitionSpec()
     for preferred in FSDP_PREFERENCE:
         for dim, (name, size) in enumerate(zip(names, shape, strict=True)):
