@@ -806,7 +806,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--per_device_batch", type=int, default=1, help="micro-batch per JAX device")
     parser.add_argument("--gradient_checkpointing", action="store_true", help="remat the UNet blocks")
     parser.add_argument("--mesh", default=None, help="'DxM' data x fsdp (default: every device on the data axis)")
-    parser.add_argument("--resolution", type=int, default=None, help="image size (default: the VAE's sample_size)")
+    parser.add_argument(
+        "--resolution", default=None, help="image size, N or HxW (height x width; default: the VAE's sample_size)"
+    )
     parser.add_argument("--mixed_precision", default="bf16", choices=["no", "bf16", "fp16"])
     parser.add_argument("--use_ema", action=argparse.BooleanOptionalAction, default=True, help="keep an EMA copy")
     parser.add_argument("--cache_latents", action="store_true", help="train on cached latents and text states")

@@ -43,6 +43,8 @@ GROUPS: tuple[str, ...] = (
 MESH_PATTERN = re.compile(r"^([1-9]\d*)x([1-9]\d*)$")
 #: Meshes named by their one axis, whatever the device count: `data` (the default) or `fsdp` (1xN).
 NAMED_MESHES = ("data", "fsdp")
+#: --resolution: N, or HxW (height x width; "H,W" also reads).
+RESOLUTION_PATTERN = re.compile(r"^([1-9]\d*)(?:\s*[x,]\s*([1-9]\d*))?$")
 #: HOST:PORT of a coordinator: a host name, IPv4 address or bracketed IPv6 address, then the port.
 COORDINATOR_PATTERN = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9][A-Za-z0-9.-]*):(\d{1,5})$")
 
@@ -199,8 +201,11 @@ class TrainConfig(BaseModel):
     max_train_samples: int | None = _field(
         None, "Truncate the dataset to this many samples (debugging, quick runs).", group="Data", gt=0
     )
-    resolution: int = _field(
-        512, "Training image size in pixels (shorter side resize, then crop).", group="Data", gt=0
+    resolution: int | tuple[int, int] = _field(
+        512,
+        "Training image size in pixels: N for N x N, or HxW (height x width, e.g. 768x1024). Images are resized to "
+        "cover it (for N: shorter side to N, as diffusers does), then cropped.",
+        group="Data",
     )
     center_crop: bool = _field(False, "Center crop to resolution (default: random crop).", group="Data")
     random_flip: bool = _field(False, "Randomly flip images horizontally.", group="Data")
@@ -439,6 +444,24 @@ class TrainConfig(BaseModel):
         if value is not None and value not in NAMED_MESHES and not MESH_PATTERN.match(value):
             raise ValueError("must be 'DxM' with positive integers (e.g. 8x1, 2x4, 1x8), 'data' or 'fsdp'")
         return value
+
+    @field_validator("resolution", mode="before")
+    @classmethod
+    def _image_size(cls, value: Any) -> Any:
+        """N, "N", "HxW", "H,W" or [H, W] -> N (a square) or (H, W), each side a positive integer."""
+        if isinstance(value, str):
+            match = RESOLUTION_PATTERN.match(value.strip())
+            value = [int(side) for side in match.groups() if side] if match else []
+        sides = list(value) if isinstance(value, list | tuple) else [value]
+        if not 1 <= len(sides) <= 2 or any(isinstance(side, int) and side <= 0 for side in sides):
+            raise ValueError("must be N (a square) or HxW (height x width), positive integers, e.g. 512 or 768x1024")
+        return sides[0] if len(set(sides)) == 1 else tuple(sides)
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        """(height, width) of the training images."""
+        size = self.resolution
+        return (size, size) if isinstance(size, int) else size
 
     @field_validator("coordinator_address")
     @classmethod

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from jaxdiff.cli import ConfigError
 from jaxdiff.config import TrainConfig
 from jaxdiff.diffusion.training import host_draws, timestep_bias_weights
 
@@ -28,9 +29,19 @@ class TextToImageRoles:
     vae: Any
     vae_folder: Any
 
-    def _common(self, num_train_timesteps: int, unet_in_channels: int, vae_block_out_channels: int) -> None:
-        """Sets `num_train_timesteps`, `timestep_weights` (None: uniform) and `latent_shape` (C, h, w)."""
+    def _common(
+        self, num_train_timesteps: int, unet_in_channels: int, vae_block_out_channels: int, unet_levels: int
+    ) -> None:
+        """Sets `num_train_timesteps`, `timestep_weights` (None: uniform) and `latent_shape` (C, h, w); refuses a
+        resolution the VAE and the UNet's down/up sampling cannot map back to itself."""
         cfg = self.config
+        vae_factor = 2 ** (vae_block_out_channels - 1)
+        multiple = vae_factor * 2 ** (unet_levels - 1)
+        if any(side % multiple for side in cfg.image_size):
+            raise ConfigError(
+                f"--resolution={cfg.resolution}: each side must be a multiple of {multiple} for this model (the VAE "
+                f"downsamples {vae_factor}x, the UNet {2 ** (unet_levels - 1)}x more)"
+            )
         self.num_train_timesteps = num_train_timesteps
         self.timestep_weights = (
             None
@@ -44,8 +55,7 @@ class TextToImageRoles:
                 cfg.timestep_bias_portion,
             )
         )
-        latent_size = cfg.resolution // 2 ** (vae_block_out_channels - 1)
-        self.latent_shape = (unet_in_channels, latent_size, latent_size)
+        self.latent_shape = (unet_in_channels, *(side // vae_factor for side in cfg.image_size))
 
     @property
     def _text_encoders(self) -> dict[str, Any]:
@@ -98,7 +108,7 @@ class SDXLRoles(TextToImageRoles):
     def target_size(self) -> tuple[int, int]:
         """(height, width) of the training images: the last two of the time ids (original h, w, crop top, left,
         target h, w) that diffusers' ``compute_time_ids`` builds from each sample's original size and crop."""
-        return self.config.resolution, self.config.resolution
+        return self.config.image_size
 
     @functools.cached_property
     def force_zeros_for_empty_prompt(self) -> bool:

@@ -7,6 +7,7 @@ import sys
 import pytest
 import yaml
 
+from jaxdiff import cli
 from jaxdiff.config import TrainConfig
 from jaxdiff.train import main
 
@@ -69,7 +70,8 @@ def test_seed_is_drawn_and_recorded(sd_folder, capsys):
     [
         (["--learnig_rate", "1e-4"], "unknown flag --learnig_rate; did you mean --learning_rate?"),
         (["--backend", "tpu"], "--backend='tpu': Input should be 'jax' or 'torch'"),
-        (["--resolution", "big"], "--resolution='big': Input should be a valid integer"),
+        (["--resolution", "big"], "--resolution='big': must be N (a square) or HxW (height x width)"),
+        (["--resolution", "0x64"], "--resolution='0x64': must be N (a square) or HxW"),
         (["--lr_scheduler", "cosin"], "--lr_scheduler='cosin': Input should be 'constant'"),
         (["--mesh", "8by1"], "--mesh='8by1': must be 'DxM'"),
         (["--train_batch_size", "0"], "--train_batch_size='0': Input should be greater than 0"),
@@ -83,6 +85,26 @@ def test_bad_input_is_one_message_exit_2(argv, expected, capsys):
     assert expected in err
     assert err.startswith("jaxdiff: error: ") and err.count("\n") == 1
     assert "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("value", "resolution", "size"),
+    [("512", 512, (512, 512)), ("768x1024", (768, 1024), (768, 1024)), ("96,64", (96, 64), (96, 64)),
+     ("64x64", 64, (64, 64)), ([48, 32], (48, 32), (48, 32))],
+)  # fmt: skip
+def test_resolution_is_a_square_or_height_by_width(value, resolution, size):
+    config = cli.validate({"resolution": value})
+    assert config.resolution == resolution and config.image_size == size
+    assert cli.validate(yaml.safe_load(cli.to_yaml(config))).image_size == size  # config.yaml reads back
+
+
+@pytest.mark.parametrize("backend", ["jax", "torch"])
+def test_a_resolution_the_model_cannot_map_back_is_refused(backend, tiny_sd_path, shapes_dataset, tmp_path, capsys):
+    argv = ["--pretrained_model_name_or_path", str(tiny_sd_path), "--train_data_dir", str(shapes_dataset)]
+    argv += ["--backend", backend, "--resolution", "32x30", "--output_dir", str(tmp_path / "out")]
+    code, _, err = run_main(argv, capsys)
+    assert code == 2 and "--resolution=(32, 30): each side must be a multiple of 4 for this model" in err
+    assert not (tmp_path / "out").exists()
 
 
 def test_unknown_yaml_key_did_you_mean(tmp_path, capsys):

@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.numpy import load_file
 
 from jaxdiff import cli
@@ -61,17 +62,23 @@ def test_conditioning_equals_the_diffusers_pipeline_and_script(tmp_path, tiny_sd
     np.testing.assert_array_equal(np.asarray(sampling), [[32, 32, 0, 0, 32, 32]] * 6)
 
 
-def test_training_batches_carry_the_pixels_sizes(tmp_path, tiny_sdxl_path, shapes_dataset):
-    """The data's original sizes and crops of 48x40 images at 32 px, centre crop: (40, 48) and (0, 3)."""
+@pytest.mark.parametrize(("resolution", "crop", "target"), [("32", [0, 3], [32, 32]), ("24x32", [1, 0], [24, 32])])
+def test_training_batches_carry_the_pixels_sizes(resolution, crop, target, tmp_path, tiny_sdxl_path, shapes_dataset):
+    """The data's original sizes and crops of 48x40 (w x h) images, centre crop: at 32 px resized to 38x32 and
+    cut at left 3; at 24x32 (h x w) resized to 32x26 and cut at top 1. The time ids end with the target size."""
     from jaxdiff.data import make_train_iterator, specs_from_config
 
-    task, _ = sdxl_task(tiny_sdxl_path, shapes_dataset, tmp_path, center_crop=True)
+    task, models = sdxl_task(tiny_sdxl_path, shapes_dataset, tmp_path, center_crop=True, resolution=resolution)
     source, transform, loader = specs_from_config(task.config, 4)
     with make_train_iterator(source, transform, loader, task.tokenizers, process_index=0, process_count=1) as data:
         batch = next(data)
-    assert batch["original_size"].tolist() == [[40, 48]] * 4 and batch["crop_top_left"].tolist() == [[0, 3]] * 4
+    assert batch["original_size"].tolist() == [[40, 48]] * 4 and batch["crop_top_left"].tolist() == [crop] * 4
+    assert batch["pixel_values"].shape == (4, 3, *target)
     assert set(task.abstract_batch(4)) == set(batch)
     assert all(task.abstract_batch(4)[k].shape == v.shape for k, v in batch.items())
+    text = task.encode_prompt(models, {k: batch[k] for k in ("input_ids", "input_ids_2")})
+    time_ids = task.unet_conditioning(text, batch)["added_cond_kwargs"]["time_ids"]
+    np.testing.assert_array_equal(np.asarray(time_ids), [[40, 48, *crop, *target]] * 4)
 
 
 def test_end_to_end_export_loads_in_the_sdxl_pipeline(tmp_path, tiny_sdxl_path, shapes_dataset):
@@ -79,18 +86,20 @@ def test_end_to_end_export_loads_in_the_sdxl_pipeline(tmp_path, tiny_sdxl_path, 
         tmp_path, "run", tiny_sdxl_path, shapes_dataset,
         "--max_train_steps", "4", "--use_ema", "--snr_gamma", "5.0", "--gradient_accumulation_steps", "2",
         "--checkpointing_steps", "2", "--random_flip", *VALIDATE, "--validation_steps", "2", "--mesh", "2x4",
+        "--resolution", "24x32",
     )  # fmt: skip
     rows = metrics(out)
     assert [r["step"] for r in rows] == [1, 2, 3, 4] and all(np.isfinite(r["loss"]) for r in rows)
     assert sample_steps(out) == [2, 4]
+    assert Image.open(next((out / "samples").glob("step-0000004_*.png"))).size == (32, 24)  # (w, h) of 24x32
     trained, base = unet_weights(out), unet_weights(tiny_sdxl_path)
     assert any(not np.array_equal(trained[k], base[k]) for k in base)
 
     from diffusers import StableDiffusionXLPipeline
 
     pipe = StableDiffusionXLPipeline.from_pretrained(out)
-    image = pipe("a red circle", num_inference_steps=2, height=32, width=32, output_type="np").images[0]
-    assert image.shape == (32, 32, 3) and np.isfinite(image).all()
+    image = pipe("a red circle", num_inference_steps=2, height=24, width=32, output_type="np").images[0]
+    assert image.shape == (24, 32, 3) and np.isfinite(image).all()
 
 
 def test_resume_is_exact(tmp_path, tiny_sdxl_path, shapes_dataset):

@@ -38,15 +38,21 @@ INPUT_IDS_KEYS = ("input_ids", "input_ids_2")
 class TransformSpec:
     """How a raw sample becomes training tensors. Field names are diffusers' script flags."""
 
-    resolution: int = 512
+    resolution: int | tuple[int, int] = 512  # N, or (height, width)
     center_crop: bool = False
     random_flip: bool = False
     image_interpolation_mode: str = "lanczos"
     proportion_empty_prompts: float = 0.0
 
+    @property
+    def size(self) -> tuple[int, int]:
+        """(height, width) of the output pixels."""
+        res = self.resolution
+        return (res, res) if isinstance(res, int) else tuple(res)
+
     def __post_init__(self) -> None:
-        if self.resolution <= 0:
-            raise DataConfigError(f"resolution={self.resolution} must be a positive integer")
+        if len(self.size) != 2 or min(self.size) <= 0:
+            raise DataConfigError(f"resolution={self.resolution} must be a positive integer or (height, width)")
         if self.image_interpolation_mode not in INTERPOLATION_MODES:
             raise DataConfigError(
                 f"image_interpolation_mode={self.image_interpolation_mode!r} is not one of "
@@ -83,28 +89,33 @@ def decode_image(value: Any) -> Image.Image:
 def transform_image(
     image: Image.Image, spec: TransformSpec, rng: np.random.Generator, flip: bool | None = None
 ) -> tuple[np.ndarray, tuple[int, int], tuple[int, int]]:
-    """Resize (shorter side to `resolution`), flip, crop and normalize to [-1, 1], as diffusers' scripts do.
+    """Resize (to cover `resolution`: the shorter side to N for a square, as diffusers' scripts do), flip, crop and
+    normalize to [-1, 1].
 
     Returns the CHW float32 pixels, `original_size` (h, w) before resizing and `crop_top_left` (top, left) of
     the crop in the resized image after flipping, as diffusers' SDXL script computes them, so SDXL time ids
     describe exactly these pixels. `flip` forces the flip decision (the latent cache stores both orientations).
     """
-    res = spec.resolution
+    crop_h, crop_w = spec.size
     original_size = (image.height, image.width)
     width, height = image.size
-    size = (res, int(res * height / width)) if width <= height else (int(res * width / height), res)
+    # Scale by the side that needs more, and truncate the other as torchvision's Resize(int) does.
+    if crop_h * width >= crop_w * height:
+        size = (max(crop_w, int(crop_h * width / height)), crop_h)
+    else:
+        size = (crop_w, max(crop_h, int(crop_w * height / width)))
     if size != image.size:
         image = image.resize(size, INTERPOLATION_MODES[spec.image_interpolation_mode])
     width, height = image.size
     if flip is None:
         flip = spec.random_flip and bool(rng.random() < 0.5)
     if spec.center_crop:
-        top, left = round((height - res) / 2.0), round((width - res) / 2.0)
+        top, left = round((height - crop_h) / 2.0), round((width - crop_w) / 2.0)
     else:
-        top, left = int(rng.integers(0, height - res + 1)), int(rng.integers(0, width - res + 1))
+        top, left = int(rng.integers(0, height - crop_h + 1)), int(rng.integers(0, width - crop_w + 1))
     # `left` is in the flipped image; crop the same pixels from the unflipped one and flip only the crop.
-    pixel_left = width - left - res if flip else left
-    pixels = np.asarray(image.crop((pixel_left, top, pixel_left + res, top + res)), dtype=np.float32)
+    pixel_left = width - left - crop_w if flip else left
+    pixels = np.asarray(image.crop((pixel_left, top, pixel_left + crop_w, top + crop_h)), dtype=np.float32)
     if flip:
         pixels = pixels[:, ::-1]
     pixels = (pixels / 255.0 - 0.5) / 0.5

@@ -99,7 +99,10 @@ class TextToImage(TextToImageRoles):
             scheduler["prediction_type"] = config.prediction_type
         self.schedule = diffusion.NoiseSchedule.from_config(scheduler)
         self._common(
-            self.schedule.num_train_timesteps, self.unet.config.in_channels, len(self.vae.config.block_out_channels)
+            self.schedule.num_train_timesteps,
+            self.unet.config.in_channels,
+            len(self.vae.config.block_out_channels),
+            len(self.unet.config.block_out_channels),
         )
 
     @functools.cached_property
@@ -112,12 +115,12 @@ class TextToImage(TextToImageRoles):
         SDXL's sizes, or with --cache_latents the cached latent distribution and text states)."""
         sizes = {key: jax.ShapeDtypeStruct((batch_size, 2), jnp.int32) for key in ("original_size", "crop_top_left")}
         if not self.config.cache_latents:
-            size = self.config.resolution
             ids = {
                 key: jax.ShapeDtypeStruct((batch_size, getattr(self, name).config.max_position_embeddings), jnp.int32)
                 for key, name in zip(INPUT_IDS_KEYS, self.text_encoder_names, strict=False)
             }
-            return {"pixel_values": jax.ShapeDtypeStruct((batch_size, 3, size, size), jnp.float32), **ids, **sizes}
+            pixels = jax.ShapeDtypeStruct((batch_size, 3, *self.config.image_size), jnp.float32)
+            return {"pixel_values": pixels, **ids, **sizes}
         latent = jax.ShapeDtypeStruct(
             (batch_size, self.vae.config.latent_channels, *self.latent_shape[1:]), jnp.float32
         )

@@ -30,6 +30,25 @@ def test_resize_shorter_side_center_crop_and_normalize():
     np.testing.assert_array_equal(pixels, ((expected / 255.0 - 0.5) / 0.5).transpose(2, 0, 1))
 
 
+@pytest.mark.parametrize(
+    ("size", "resized", "crop"),
+    [((10, 30), (30, 12), (1, 0)), ((16, 8), (40, 16), (0, 16)), ((20, 50), (50, 20), (0, 0))],
+)
+def test_a_height_by_width_resolution_resizes_to_cover_it_then_crops(size, resized, crop):
+    """A 50x20 (w x h) image at (h, w) `size`: scaled by the side that needs more, the other truncated."""
+    image = _gradient(50, 20)
+    spec = TransformSpec(resolution=size, center_crop=True, image_interpolation_mode="nearest")
+    pixels, original_size, top_left = transform_image(image, spec, sample_rng(0, 0, 0))
+    assert pixels.shape == (3, *size) and original_size == (20, 50) and top_left == crop
+    expected = np.asarray(image.resize(resized, Image.Resampling.NEAREST), np.float32)
+    expected = expected[crop[0] : crop[0] + size[0], crop[1] : crop[1] + size[1]]
+    np.testing.assert_array_equal(pixels, ((expected / 255.0 - 0.5) / 0.5).transpose(2, 0, 1))
+    random = TransformSpec(resolution=size, random_flip=True, image_interpolation_mode="nearest")
+    for sample in range(6):
+        pixels, _, (top, left) = transform_image(image, random, sample_rng(0, 0, sample))
+        assert pixels.shape == (3, *size) and 0 <= top <= resized[1] - size[0] and 0 <= left <= resized[0] - size[1]
+
+
 def test_flip_mirrors_the_crop_and_reports_it_in_the_flipped_frame():
     image = _gradient(40, 20)
     spec = TransformSpec(resolution=20, center_crop=False, random_flip=True, image_interpolation_mode="nearest")
@@ -74,3 +93,5 @@ def test_bad_settings_name_the_field():
         TransformSpec(image_interpolation_mode="cubic")
     with pytest.raises(DataConfigError, match="proportion_empty_prompts"):
         TransformSpec(proportion_empty_prompts=1.5)
+    with pytest.raises(DataConfigError, match=r"resolution=\(0, 8\)"):
+        TransformSpec(resolution=(0, 8))

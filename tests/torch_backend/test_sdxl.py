@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.numpy import load_file
 
 from jaxdiff import cli
@@ -49,6 +50,7 @@ def test_end_to_end_resume_validation_and_export(tmp_path, tiny_sdxl_path, shape
     flags = (
         *TORCH, "--train_batch_size", "2", "--gradient_accumulation_steps", "2", "--use_ema", "--snr_gamma", "5.0",
         "--random_flip", "--checkpointing_steps", "2", *VALIDATE, "--validation_steps", "2",
+        "--resolution", "24x32",
     )  # fmt: skip
     straight, resumed = straight_and_resumed(tmp_path, tiny_sdxl_path, shapes_dataset, *flags)
     rows = metrics(straight)
@@ -57,6 +59,7 @@ def test_end_to_end_resume_validation_and_export(tmp_path, tiny_sdxl_path, shape
     a, b = unet_weights(straight), unet_weights(resumed)
     assert all(np.array_equal(a[k], b[k]) for k in a)
     assert sample_steps(straight) == [2, 4] and sample_steps(resumed) == [2, 4]
+    assert Image.open(next((straight / "samples").glob("step-0000004_*.png"))).size == (32, 24)  # (w, h) of 24x32
 
     base = unet_weights(tiny_sdxl_path)
     assert any(not np.array_equal(a[k], base[k]) for k in base)
@@ -66,8 +69,8 @@ def test_end_to_end_resume_validation_and_export(tmp_path, tiny_sdxl_path, shape
     from diffusers import StableDiffusionXLPipeline
 
     pipe = StableDiffusionXLPipeline.from_pretrained(straight)
-    image = pipe("a red circle", num_inference_steps=2, height=32, width=32, output_type="np").images[0]
-    assert image.shape == (32, 32, 3) and np.isfinite(image).all()
+    image = pipe("a red circle", num_inference_steps=2, height=24, width=32, output_type="np").images[0]
+    assert image.shape == (24, 32, 3) and np.isfinite(image).all()
 
 
 def test_latent_cache_trains_like_encoding_on_the_fly(tmp_path, tiny_sdxl_path, shapes_dataset):

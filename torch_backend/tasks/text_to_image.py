@@ -115,6 +115,7 @@ class TextToImage(TextToImageRoles):
             self.scheduler.config.num_train_timesteps,
             self.unet.config.in_channels,
             len(self.vae.config.block_out_channels),
+            len(self.unet.config.block_out_channels),
         )
 
     def draw(self, generator: torch.Generator, batch_size: int) -> Batch:
@@ -219,8 +220,8 @@ class TextToImage(TextToImageRoles):
         pipeline.set_progress_bar_config(disable=True)
         return pipeline(
             prompt,
-            height=cfg.resolution,
-            width=cfg.resolution,
+            height=cfg.image_size[0],
+            width=cfg.image_size[1],
             num_images_per_prompt=num_images,
             num_inference_steps=cfg.validation_num_inference_steps,
             guidance_scale=cfg.validation_guidance_scale,
