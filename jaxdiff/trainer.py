@@ -145,7 +145,9 @@ class TrainProgram:
             out_shardings=(self.state_shardings, None),
             donate_argnums=(0,),
         )
-        self.sample_fn = jax.jit(lambda params, frozen, ids, rng: task.sample(self.models(params, frozen), ids, rng))
+        self.sample_fn = jax.jit(
+            lambda params, frozen, ids, rng: task.sample(self.eval_models(params, frozen), ids, rng)
+        )
 
     def init_state(self, params: dict) -> dict:
         """The train state from the (sharded) pretrained parameters, whose buffers it takes over (donated)."""
@@ -163,7 +165,19 @@ class TrainProgram:
         models.update({n: nnx.merge(self.frozen_defs[n], frozen[n], self.frozen_rest[n]) for n in frozen})
         return models
 
+    def eval_models(self, params: dict, frozen: dict) -> dict[str, nnx.Module]:
+        """`models` for inference: no gradient checkpointing (nothing to rematerialise, and NNX cannot lift a
+        remat inside the sampler's loop)."""
+        models = self.models(params, frozen)
+        for module in models.values():
+            module.set_attributes(gradient_checkpointing=False, raise_if_not_found=False)
+        return models
+
     def _train_step(self, state: dict, frozen: dict, batch: dict) -> tuple[dict, dict]:
+        with jax.sharding.use_abstract_mesh(self.mesh.abstract_mesh):  # the models' activation constraints
+            return self._step(state, frozen, batch)
+
+    def _step(self, state: dict, frozen: dict, batch: dict) -> tuple[dict, dict]:
         cfg = self.config
         step = state["step"]
         batch = dict(batch)

@@ -169,10 +169,11 @@ def test_sd2_v_prediction_with_every_loss_option(tmp_path, tiny_sd_v_path, shape
         "--snr_gamma", "5", "--noise_offset", "0.1", "--input_perturbation", "0.1", "--timestep_bias_strategy",
         "later", "--timestep_bias_multiplier", "2", "--gradient_checkpointing", "--mixed_precision", "bf16",
         "--train_text_encoder", "--lr_scheduler", "cosine", "--lr_warmup_steps", "1", "--attention_implementation",
-        "chunked",
+        "chunked", *VALIDATE,
     )  # fmt: skip
     rows = metrics(out)
     assert all(np.isfinite(r["loss"]) for r in rows)
+    assert sample_steps(out) == [2]  # sampling a model built with gradient checkpointing
     np.testing.assert_allclose([r["lr"] for r in rows], [0.0, 1e-3], rtol=1e-6)  # warmup, then the cosine's start
     # transformers 5 saves CLIPTextModel keys without the "text_model." prefix; jaxdiff writes SD's layout.
     text, base = (

@@ -126,7 +126,7 @@ class TimestepEmbedding(nnx.Module):
             if self.cond_proj is None:
                 raise ValueError("a condition was given but this TimestepEmbedding has no cond_proj (cond_proj_dim)")
             sample = sample + self.cond_proj(condition)
-        sample = self.linear_2(self.act(self.linear_1(sample)))
+        sample = nn.shard_batch(self.linear_2(nn.shard_batch(self.act(self.linear_1(nn.shard_batch(sample))))))
         return self.post_act(sample) if self.post_act is not None else sample
 
 
@@ -184,7 +184,7 @@ class ResnetBlock2D(nnx.Module):
         if temb is not None:
             if self.time_emb_proj is None:
                 raise ValueError("a time embedding was given to a ResnetBlock2D built with temb_channels=None")
-            temb = self.time_emb_proj(self.nonlinearity(temb))[:, None, None, :]
+            temb = nn.shard_batch(self.time_emb_proj(self.nonlinearity(temb)))[:, None, None, :]
         if self.time_embedding_norm == "scale_shift":
             if temb is None:
                 raise ValueError("time_embedding_norm='scale_shift' needs a time embedding")

@@ -24,6 +24,16 @@ ATTENTION_CHUNK = 256
 _default_kernel_init = nnx.initializers.lecun_normal()
 
 
+def shard_batch(x: jax.Array) -> jax.Array:
+    """``x`` constrained to split its leading (batch) axis over every axis of the mesh in context, as the trainer
+    splits batches; unchanged outside one. On an fsdp mesh it keeps an activation batch-sharded where GSPMD would
+    otherwise reshard it by channel to meet a sharded weight (its "involuntary full rematerialization")."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return x
+    return jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec(mesh.axis_names))
+
+
 class Linear(nnx.Linear):
     """``nnx.Linear`` applied to its input's rows: leading axes are merged into one before the matmul.
 
@@ -266,6 +276,7 @@ def attention(
     if implementation not in ATTENTION_IMPLEMENTATIONS:
         raise ValueError(f"attention implementation {implementation!r} is not one of {ATTENTION_IMPLEMENTATIONS}")
     out_dtype = query.dtype
+    query, key, value = (shard_batch(x) for x in (query, key, value))
     if upcast:
         query, key, value = (x.astype(jnp.float32) for x in (query, key, value))
     if implementation == "chunked" and mask is None and not is_causal:
