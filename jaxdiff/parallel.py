@@ -4,6 +4,7 @@ Axis ``data`` carries data parallelism; axis ``fsdp`` shards parameters, optimiz
 (FSDP-style). The global batch is split over all devices of both axes.
 """
 
+import itertools
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -13,6 +14,7 @@ import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+from orbax.checkpoint import multihost as ocp_multihost
 
 from jaxdiff import cpu_devices
 from jaxdiff.cli import ConfigError
@@ -68,10 +70,19 @@ def process_zero_decides(flag: bool) -> bool:
     return bool(multihost_utils.broadcast_one_to_all(np.array(flag)))
 
 
+# A barrier may wait for another host's compile or export (minutes on a pod slice for SDXL).
+BARRIER_TIMEOUT_S = 3600
+_barriers_passed = itertools.count()
+
+
 def barrier(name: str) -> None:
-    """Waits until every process has reached the barrier ``name`` (returns at once with one process)."""
+    """Waits until every process has reached the barrier ``name`` (returns at once with one process).
+
+    It is the coordination service's barrier, not a collective on the devices: CPU collectives (gloo) give up
+    when a peer is 30 s late to a new communicator, and compiles or exports differ by more than that."""
     if jax.process_count() > 1:
-        multihost_utils.sync_global_devices(name)
+        sync = ocp_multihost.get_barrier_sync_fn()
+        sync(key=f"jaxdiff:{name}:{next(_barriers_passed)}", timeout_ms=BARRIER_TIMEOUT_S * 1000)
 
 
 def to_host(tree: Any) -> Any:

@@ -409,6 +409,7 @@ class Trainer:
         """Compile the step ahead of time, once, and log what XLA says it needs."""
         compiled = self.program.step_fn.lower(self.state, self.frozen, batch).compile()
         log.info("compiled train step; memory analysis: %s", compiled.memory_analysis())
+        parallel.barrier("train step compiled")  # hosts start the first step's collectives together
         return compiled
 
     def _flush_metrics(
