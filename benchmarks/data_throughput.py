@@ -17,8 +17,9 @@ import numpy as np
 from PIL import Image
 
 from jaxdiff.data.latent_cache import build_latent_cache
-from jaxdiff.data.pipeline import LoaderSpec, make_train_iterator
+from jaxdiff.data.pipeline import make_train_iterator
 from jaxdiff.data.sources import SourceSpec
+from jaxdiff.data.streams import LoaderSpec
 from jaxdiff.data.transforms import TransformSpec
 
 

@@ -61,7 +61,7 @@ import numpy as np
 from jax.extend import core as jcore
 
 from jaxdiff import cli, parallel
-from jaxdiff.cli import ConfigError
+from jaxdiff.config import ConfigError
 from jaxdiff.tasks import TASKS
 
 GIB = 2**30

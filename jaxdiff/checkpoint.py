@@ -28,7 +28,7 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers
 
-from jaxdiff.cli import ConfigError
+from jaxdiff.config import ConfigError
 
 TRAIN_STATE_ITEM = "train_state"
 DATA_STATE_ITEM = "data_state"
@@ -92,11 +92,14 @@ def finished_steps(checkpoints_dir: str | Path) -> list[int]:
     return sorted(int(p.name) for p in root.iterdir() if p.name.isdigit() and _incomplete_reason(p) is None)
 
 
-def resolve_resume(resume_from_checkpoint: str | None, checkpoints_dir: str | Path) -> tuple[Path, int] | None:
+def resolve_resume(
+    resume_from_checkpoint: str | None, checkpoints_dir: str | Path, *, flag: str = "--resume_from_checkpoint"
+) -> tuple[Path, int] | None:
     """Where training continues from: ``(step_folder, step)``, or None for a fresh start.
 
     ``"latest"`` is the newest finished checkpoint in ``checkpoints_dir`` (None when there is none, as diffusers
-    does); anything else is a step folder, given as a path or as a step name inside ``checkpoints_dir``.
+    does); anything else is a step folder, given as a path or as a step name inside ``checkpoints_dir``. ``flag``
+    names the option in the error message.
     """
     if resume_from_checkpoint is None:
         return None
@@ -112,8 +115,8 @@ def resolve_resume(resume_from_checkpoint: str | None, checkpoints_dir: str | Pa
         steps = finished_steps(root)
         found = f"finished checkpoints there: steps {steps}" if steps else "it holds no finished checkpoint"
         raise ConfigError(
-            f"--resume_from_checkpoint={resume_from_checkpoint!r}: {reason}. Allowed: 'latest' or a finished "
-            f"checkpoint step folder such as {root}/<step> ({found})."
+            f"{flag}={resume_from_checkpoint!r}: {reason}. Allowed: 'latest' or a finished checkpoint step folder "
+            f"such as {root / '<step>'} ({found})."
         )
     return path, int(path.name)
 

@@ -18,7 +18,7 @@ from typing import Any, NoReturn
 import yaml
 from pydantic import ValidationError
 
-from jaxdiff.config import GROUPS, TrainConfig, field_meta, unsupported_fields
+from jaxdiff.config import GROUPS, ConfigError, TrainConfig, field_meta, unsupported_fields
 from jaxdiff.hub import HUB_ID, HubOptions, ModelFilesNotFoundError, resolve_pipeline
 
 EXIT_CONFIG_ERROR = 2
@@ -31,10 +31,6 @@ PIPELINE_TASKS = {
     "DDIMPipeline": "unconditional",
 }
 TEACHER_TASKS = {"StableDiffusionPipeline": "lcm", "StableDiffusionXLPipeline": "lcm_sdxl"}
-
-
-class ConfigError(ValueError):
-    """Bad user input: printed as one message, exit code 2, no traceback."""
 
 
 def _did_you_mean(name: str) -> str:

@@ -14,6 +14,11 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+
+class ConfigError(ValueError):
+    """Bad user input: printed as one message, exit code 2, no traceback."""
+
+
 Backend = Literal["jax", "torch"]
 Task = Literal["text_to_image", "sdxl", "lcm", "lcm_sdxl", "lcm_lora", "unconditional"]
 

@@ -413,10 +413,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     flags = ["--config", str(config_file), "--pretrained_model_name_or_path", str(model), "--train_data_dir"]
     flags += [str(data), *train_flags]
     from jaxdiff import cli, cpu_devices, train
+    from jaxdiff.config import ConfigError
 
     try:
         config, _ = cli.parse_args(flags)
-    except cli.ConfigError as err:
+    except ConfigError as err:
         cli.exit_with(err)
     if config.backend == "jax":
         cpu_devices.split_host(config)  # before building the demo starts jax

@@ -24,7 +24,7 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from jaxdiff.cli import ConfigError
+from jaxdiff.config import ConfigError
 from jaxdiff.files import atomic_write_bytes
 
 METRICS_FILE = "metrics.jsonl"

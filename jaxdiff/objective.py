@@ -12,8 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from jaxdiff.cli import ConfigError
-from jaxdiff.config import TrainConfig
+from jaxdiff.config import ConfigError, TrainConfig
 from jaxdiff.diffusion.training import host_draws, timestep_bias_weights
 
 

@@ -17,8 +17,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 from orbax.checkpoint import multihost as ocp_multihost
 
 from jaxdiff import cpu_devices
-from jaxdiff.cli import ConfigError
-from jaxdiff.config import MESH_PATTERN, TrainConfig
+from jaxdiff.config import MESH_PATTERN, ConfigError, TrainConfig
 
 log = logging.getLogger("jaxdiff")
 

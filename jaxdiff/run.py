@@ -13,8 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from jaxdiff.cli import ConfigError
-from jaxdiff.config import TrainConfig
+from jaxdiff.config import ConfigError, TrainConfig
 from jaxdiff.data import LatentCache, SourceSpec, TransformSpec, build_latent_cache
 from jaxdiff.metrics import MetricsLogger, ProgressBar, check_finite_loss
 

@@ -1,46 +1,56 @@
 """`python -m jaxdiff.train [--config FILE.yaml] [--name value ...]`: parse, resolve, hand to the backend."""
 
+import dataclasses
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from jaxdiff import cpu_devices
-from jaxdiff.cli import ConfigError, exit_with, parse_args, resolve, to_yaml
-from jaxdiff.config import TrainConfig
+from jaxdiff.cli import exit_with, parse_args, resolve, to_yaml
+from jaxdiff.config import ConfigError, TrainConfig
 
 
-def _backend(name: str) -> tuple[dict[str, object], Callable[[TrainConfig], None]]:
-    """(tasks, train function) of a backend; torch is imported only for the torch backend."""
+@dataclasses.dataclass(frozen=True)
+class Backend:
+    """What the command lines need of a backend: its tasks, a training run, and a checkpoint's export."""
+
+    tasks: Mapping[str, object]
+    train: Callable[[TrainConfig], None]
+    export_checkpoint: Callable[..., None]
+
+
+def load_backend(name: str) -> Backend:
+    """The backend ``name``; torch is imported only for the torch backend."""
     if name == "jax":
+        from jaxdiff import trainer
         from jaxdiff.tasks import TASKS
-        from jaxdiff.trainer import train
 
-        return TASKS, train
+        return Backend(TASKS, trainer.train, trainer.export_checkpoint)
     try:
         import torch  # noqa: F401
     except ImportError:
         raise ConfigError("--backend torch needs PyTorch: pip install -e '.[torch]'") from None
+    from torch_backend import trainer
     from torch_backend.tasks import TASKS
-    from torch_backend.trainer import train
 
-    return TASKS, train
+    return Backend(TASKS, trainer.train, trainer.export_checkpoint)
 
 
 def run(config: TrainConfig) -> None:
     """Train with the configured backend and task."""
     if config.backend == "jax":
         cpu_devices.split_host(config)  # before jax starts
-    tasks, train = _backend(config.backend)
-    if config.task not in tasks:
+    backend = load_backend(config.backend)
+    if config.task not in backend.tasks:
         raise ConfigError(
             f"task {config.task} is not implemented yet in the {config.backend} backend (it has: "
-            f"{', '.join(sorted(tasks))}); nothing was trained"
+            f"{', '.join(sorted(backend.tasks))}); nothing was trained"
         )
     from jaxdiff.data import DataConfigError, NoUsableDataError
     from jaxdiff.metrics import NonFiniteLossError
     from jaxdiff.weights import ModelFilesNotFoundError, WeightsMismatchError
 
     try:
-        train(config)
+        backend.train(config)
     except (DataConfigError, NoUsableDataError, ModelFilesNotFoundError, WeightsMismatchError) as err:
         raise ConfigError(str(err)) from None
     except NonFiniteLossError as err:

@@ -21,7 +21,6 @@ from jaxdiff import cli, cpu_devices, optim, parallel, run
 from jaxdiff.checkpoint import Checkpointer, PreemptionGuard, resolve_resume
 from jaxdiff.config import TrainConfig
 from jaxdiff.data import make_train_iterator, specs_from_config
-from jaxdiff.export import check_hub_access, export_pipeline, push_to_hub
 from jaxdiff.hub import HubOptions
 from jaxdiff.metrics import (
     MetricsLogger,
@@ -29,6 +28,7 @@ from jaxdiff.metrics import (
     save_config,
     save_validation_images,
 )
+from jaxdiff.publish import check_hub_access, export_pipeline, push_to_hub
 from jaxdiff.tasks import TASKS
 
 log = logging.getLogger("jaxdiff")
@@ -449,14 +449,14 @@ def export_trained(task: Any, params: dict, output_dir: Path, dtype: str, *, wri
     export_pipeline(output_dir, base_model=task.model_path, components=components, dtype=dtype, options=options)
 
 
-def restore_for_export(config: TrainConfig, checkpoint: Path) -> tuple[Any, dict]:
-    """The task (models abstract) and the train state saved in ``checkpoint`` (a step folder), on this host's
-    devices."""
+def export_checkpoint(config: TrainConfig, checkpoint: Path, output_dir: Path, *, use_ema: bool, dtype: str) -> None:
+    """A checkpoint step folder of this backend as a diffusers pipeline at ``output_dir`` (EMA or raw weights);
+    what ``python -m jaxdiff.export`` runs for a run whose config says ``backend: jax``."""
     task = TASKS[config.task](config)
     program = TrainProgram(config, task, parallel.make_mesh(None), batch_size=jax.device_count(), total_steps=1)
     with Checkpointer(checkpoint.parent, save_interval_steps=1) as checkpointer:
         state, _ = checkpointer.restore(int(checkpoint.name), program.abstract_state, directory=checkpoint.parent)
-    return task, state
+    export_trained(task, state["ema_params" if use_ema else "params"], output_dir, dtype)
 
 
 def train(config: TrainConfig) -> None:

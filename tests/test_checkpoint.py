@@ -11,7 +11,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxdiff.checkpoint import Checkpointer, PreemptionGuard, finished_steps, resolve_resume
-from jaxdiff.cli import ConfigError
+from jaxdiff.config import ConfigError
 
 DATA_STATE = {"epoch": 1, "position": 37, "seed": 123}
 

@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from jaxdiff.cli import ConfigError, validate
-from jaxdiff.config import BACKENDS, GROUPS, TASKS, TrainConfig, field_meta, unsupported_fields
+from jaxdiff.cli import validate
+from jaxdiff.config import BACKENDS, GROUPS, TASKS, ConfigError, TrainConfig, field_meta, unsupported_fields
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 

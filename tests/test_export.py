@@ -8,9 +8,9 @@ import pytest
 from huggingface_hub import HfApi, constants
 
 from jaxdiff import weights
-from jaxdiff.cli import ConfigError
-from jaxdiff.export import check_hub_access, export_pipeline, push_to_hub
+from jaxdiff.config import ConfigError
 from jaxdiff.models.clip import CLIPTextModel
+from jaxdiff.publish import check_hub_access, export_pipeline, push_to_hub
 
 
 @pytest.fixture(scope="module")

@@ -15,12 +15,12 @@ from huggingface_hub import constants
 from huggingface_hub.utils import filter_repo_objects
 
 from jaxdiff import cli, train
-from jaxdiff.cli import ConfigError
+from jaxdiff.config import ConfigError
 from jaxdiff.data import DataConfigError
 from jaxdiff.data.sources import SourceSpec, open_source
-from jaxdiff.export import export_pipeline
 from jaxdiff.hub import HubOptions, ModelFilesNotFoundError, resolve_model, resolve_pipeline
 from jaxdiff.models import AutoencoderKL, CLIPTextModel, UNet2DConditionModel
+from jaxdiff.publish import export_pipeline
 from jaxdiff.weights import module_to_state_dict
 
 MAIN_SHA = "a" * 40

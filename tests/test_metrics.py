@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 from tensorboardX.proto.event_pb2 import Event
 
-from jaxdiff.cli import ConfigError
+from jaxdiff.config import ConfigError
 from jaxdiff.metrics import (
     MetricsLogger,
     ProgressBar,

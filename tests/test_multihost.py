@@ -25,8 +25,8 @@ import yaml
 from safetensors.numpy import load_file
 
 from jaxdiff import cpu_devices
-from jaxdiff.cli import ConfigError, parse_args, to_yaml
-from jaxdiff.config import TrainConfig, unsupported_fields
+from jaxdiff.cli import parse_args, to_yaml
+from jaxdiff.config import ConfigError, TrainConfig, unsupported_fields
 
 PROBE_ENV = "JAXDIFF_TEST_PROBE"  # folder the probe writes its events to, one file per OS process
 TIMEOUT_S = 600  # per batch of runs started together (about 2 min alone; a busy 2-core CI machine is slower)

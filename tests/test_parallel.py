@@ -10,7 +10,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from jaxdiff import cpu_devices, parallel
-from jaxdiff.cli import ConfigError
+from jaxdiff.config import ConfigError
 from jaxdiff.models import CLIPTextModel, UNet2DConditionModel
 from jaxdiff.trainer import train_state_shardings
 

@@ -15,7 +15,7 @@ from typing import Any
 from accelerate import Accelerator
 
 from jaxdiff.checkpoint import TORCH_COMMIT_FILE, finished_steps
-from jaxdiff.cli import ConfigError
+from jaxdiff.config import ConfigError
 from jaxdiff.files import honour_umask
 
 TMP_SUFFIX = ".torch-tmp"

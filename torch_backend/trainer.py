@@ -24,12 +24,12 @@ from PIL import Image
 
 from jaxdiff import cli, run
 from jaxdiff.checkpoint import PreemptionGuard, resolve_resume
-from jaxdiff.config import TrainConfig
+from jaxdiff.config import ConfigError, TrainConfig
 from jaxdiff.data import make_train_iterator, specs_from_config
-from jaxdiff.export import check_hub_access, export_pipeline, push_to_hub
 from jaxdiff.hub import HubOptions
 from jaxdiff.metrics import MetricsLogger, ProgressBar, save_config, save_validation_images
 from jaxdiff.optim import scaled_learning_rate
+from jaxdiff.publish import check_hub_access, export_pipeline, push_to_hub
 from torch_backend.checkpoint import TorchCheckpointer
 from torch_backend.tasks import TASKS
 
@@ -55,7 +55,7 @@ def check_torch_features(config: TrainConfig) -> None:
         if not torch.cuda.is_available():
             missing.append("no CUDA GPU is visible to torch")
         if missing:
-            raise cli.ConfigError(
+            raise ConfigError(
                 "--enable_xformers_memory_efficient_attention needs xformers and a CUDA GPU, but "
                 f"{' and '.join(missing)}; drop the flag to use PyTorch's scaled-dot-product attention (the default)"
             )
@@ -63,9 +63,9 @@ def check_torch_features(config: TrainConfig) -> None:
         try:
             import bitsandbytes  # noqa: F401
         except ImportError:
-            raise cli.ConfigError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes") from None
+            raise ConfigError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes") from None
     if config.mixed_precision == "fp16" and not torch.cuda.is_available():
-        raise cli.ConfigError("--mixed_precision fp16 needs a CUDA GPU on the torch backend; use bf16 or no on CPU")
+        raise ConfigError("--mixed_precision fp16 needs a CUDA GPU on the torch backend; use bf16 or no on CPU")
 
 
 def make_optimizer(config: TrainConfig, params: list[torch.nn.Parameter], *, num_processes: int) -> Any:

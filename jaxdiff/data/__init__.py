@@ -5,8 +5,9 @@ from jaxdiff.data.errors import DataConfigError, NoUsableDataError
 from jaxdiff.data.fingerprint import fingerprint_files
 from jaxdiff.data.from_config import specs_from_config
 from jaxdiff.data.latent_cache import LatentCache, build_latent_cache
-from jaxdiff.data.pipeline import DataIterator, LoaderSpec, make_train_iterator
+from jaxdiff.data.pipeline import DataIterator, make_train_iterator
 from jaxdiff.data.sources import SourceSpec, open_source
+from jaxdiff.data.streams import LoaderSpec
 from jaxdiff.data.transforms import INTERPOLATION_MODES, TransformSpec
 
 __all__ = [

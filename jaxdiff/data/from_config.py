@@ -1,8 +1,8 @@
 """The data specs of a training config: one place both backends build their input pipeline from."""
 
 from jaxdiff.config import TrainConfig
-from jaxdiff.data.pipeline import LoaderSpec
 from jaxdiff.data.sources import SourceSpec
+from jaxdiff.data.streams import LoaderSpec
 from jaxdiff.data.transforms import TransformSpec
 
 

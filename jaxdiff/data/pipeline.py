@@ -12,7 +12,6 @@ worker count.
 """
 
 import collections
-import dataclasses
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -21,31 +20,14 @@ import numpy as np
 
 from jaxdiff.data.errors import DataConfigError, NoUsableDataError
 from jaxdiff.data.sources import RandomAccessSource, SourceSpec, open_source
+from jaxdiff.data.streams import Element, LoaderSpec
 from jaxdiff.data.transforms import TransformSpec, make_example, sample_rng
+from jaxdiff.data.webdataset import WebDatasetStream
 
-#: One element of a stream: (epoch, example dict) or (epoch, reason the sample is skipped).
-Element = tuple[int, dict[str, np.ndarray] | str]
 #: Produces the example of sample `index` with the given generator, or a skip reason.
 ExampleFn = Callable[[int, np.random.Generator], dict[str, np.ndarray] | str]
 
 _THREADS_PER_WORKER = 2
-
-
-@dataclasses.dataclass(frozen=True)
-class LoaderSpec:
-    """Batching, order and parallelism. `global_batch_size` counts all hosts; each host yields its slice."""
-
-    global_batch_size: int
-    seed: int = 0
-    dataloader_num_workers: int = 0
-
-    def __post_init__(self) -> None:
-        if self.global_batch_size <= 0:
-            raise DataConfigError(f"global_batch_size={self.global_batch_size} must be positive")
-        if self.dataloader_num_workers < 0:
-            raise DataConfigError(f"dataloader_num_workers={self.dataloader_num_workers} must be >= 0")
-        if not 0 <= self.seed < 2**32:
-            raise DataConfigError(f"seed={self.seed} must be in [0, 2**32)")
 
 
 def host_batch_size(global_batch_size: int, process_count: int) -> int:
@@ -245,8 +227,6 @@ def make_train_iterator(
                 "cache_latents=True needs a random-access source (dataset_name or train_data_dir), "
                 f"not train_shards_path_or_url={source.train_shards_path_or_url!r}"
             )
-        from jaxdiff.data.webdataset import WebDatasetStream
-
         stream = WebDatasetStream(source, transform, tokenizers, loader, process_index, process_count)
         return DataIterator(stream, batch, samples_per_epoch=None)
     if latent_cache is not None:

@@ -21,8 +21,8 @@ import braceexpand
 import numpy as np
 
 from jaxdiff.data.errors import DataConfigError, NoUsableDataError
-from jaxdiff.data.pipeline import Element, LoaderSpec
 from jaxdiff.data.sources import SourceSpec
+from jaxdiff.data.streams import Element, LoaderSpec
 from jaxdiff.data.transforms import TransformSpec, make_example, sample_rng
 
 IMAGE_KEYS = ("jpg", "png", "jpeg", "webp")

@@ -9,8 +9,9 @@ import pytest
 from jaxdiff.data import latent_cache
 from jaxdiff.data.errors import DataConfigError
 from jaxdiff.data.latent_cache import LatentCache, build_latent_cache
-from jaxdiff.data.pipeline import LoaderSpec, make_train_iterator
+from jaxdiff.data.pipeline import make_train_iterator
 from jaxdiff.data.sources import SourceSpec
+from jaxdiff.data.streams import LoaderSpec
 from jaxdiff.data.transforms import TransformSpec
 from jaxdiff.demo import NUM_SAMPLES
 

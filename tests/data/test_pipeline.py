@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 
 from jaxdiff.data.errors import DataConfigError, NoUsableDataError
-from jaxdiff.data.pipeline import LoaderSpec, RawExamples, iterate_in_order, make_train_iterator
+from jaxdiff.data.pipeline import RawExamples, iterate_in_order, make_train_iterator
 from jaxdiff.data.sources import SourceSpec, open_source
+from jaxdiff.data.streams import LoaderSpec
 from jaxdiff.data.transforms import EMPTY_CAPTION, UNREADABLE_IMAGE, TransformSpec
 from jaxdiff.demo import NUM_SAMPLES, shape_samples, write_imagefolder
 

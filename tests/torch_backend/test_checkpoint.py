@@ -6,7 +6,7 @@ import pytest
 from accelerate import Accelerator
 
 from jaxdiff.checkpoint import TORCH_COMMIT_FILE, finished_steps, resolve_resume
-from jaxdiff.cli import ConfigError
+from jaxdiff.config import ConfigError
 from torch_backend.checkpoint import TMP_SUFFIX, TorchCheckpointer
 
 
