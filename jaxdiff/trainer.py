@@ -5,7 +5,6 @@ comes from the task plug-in; the train step is a pure function of (state, frozen
 """
 
 import logging
-import time
 from pathlib import Path
 from typing import Any
 
@@ -17,17 +16,13 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from PIL import Image
 
-from jaxdiff import cli, cpu_devices, optim, parallel, run
-from jaxdiff.checkpoint import Checkpointer, PreemptionGuard, resolve_resume
+from jaxdiff import cpu_devices, optim, parallel, run
+from jaxdiff.checkpoint import Checkpointer, resolve_resume
 from jaxdiff.config import TrainConfig
 from jaxdiff.data import make_train_iterator, specs_from_config
 from jaxdiff.hub import HubOptions
-from jaxdiff.metrics import (
-    MetricsLogger,
-    ProgressBar,
-    save_config,
-    save_validation_images,
-)
+from jaxdiff.loop import Pending, TrainLoop
+from jaxdiff.metrics import MetricsLogger, save_validation_images
 from jaxdiff.publish import check_hub_access, export_pipeline, push_to_hub
 from jaxdiff.tasks import TASKS
 
@@ -216,8 +211,8 @@ def _with_shardings(tree: Any, shardings: Any) -> Any:
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
-class Trainer:
-    """Builds everything a run needs from the config; `train()` runs it."""
+class Trainer(TrainLoop):
+    """Builds everything a run needs from the config; `train()` (jaxdiff.loop) runs it."""
 
     def __init__(self, config: TrainConfig) -> None:
         parallel.maybe_initialize_distributed(config)
@@ -282,6 +277,8 @@ class Trainer:
             self.data.set_state(data_state)
             log.info("resumed from step %d", self.start_step)
         self.batch_sharding = self.program.batch_sharding
+        self.samples_per_step = self.batch_size * self.accum
+        self._step_fn: Any = None
 
     def _models(self, params: dict, frozen: dict) -> dict[str, nnx.Module]:
         return self.program.models(params, frozen)
@@ -341,69 +338,17 @@ class Trainer:
             )
         parallel.barrier("exported")
 
-    # ---- the loop ----------------------------------------------------------------------------------------
+    # ---- the loop's hooks (jaxdiff.loop runs them) ---------------------------------------------------------
 
-    def train(self) -> None:
-        """Run to max_train_steps (or until preempted), checkpointing, logging and validating on the way."""
-        cfg = self.config
-        self.out.mkdir(parents=True, exist_ok=True)
-        if self.is_main:
-            save_config(self.out, cli.to_yaml(cfg))
-        checkpointer, start = self.checkpointer, self.start_step
-        # Leaving this block in any way (end, preemption, error) waits for checkpoints still being written.
-        with (
-            checkpointer,
-            self.data,
-            MetricsLogger(
-                self.out,
-                report_to=cfg.report_to,
-                logging_dir=cfg.logging_dir,
-                project=cfg.tracker_project_name,
-                config=cfg.model_dump(mode="json"),
-                resume_step=start,
-                is_main_process=self.is_main,
-            ) as metrics_logger,
-            PreemptionGuard() as preemption,
-            ProgressBar(total=self.max_steps, initial=start, is_main_process=self.is_main) as progress,
-        ):
-            step_fn = None
-            pending: list[tuple[int, dict]] = []
-            tick = time.perf_counter()
-            step, validated = start, None
-            while step < self.max_steps:
-                epochs = self.data.completed_epochs
-                batch = self.global_batch(self.host_batch(step))
-                if step_fn is None:
-                    step_fn = self.compile_step(batch)
-                self.state, metrics = step_fn(self.state, self.frozen, batch)
-                step += 1
-                pending.append((step, metrics))
-                # Metrics are checked for a non-finite loss before any checkpoint that would contain it.
-                if step % cfg.logging_steps == 0 or step % cfg.checkpointing_steps == 0 or step == self.max_steps:
-                    tick = self._flush_metrics(pending, tick, metrics_logger, progress)
-                    pending = []
-                checkpointer.save(step, self.state, self.data.get_state())
-                if self._should_validate(step, epochs):
-                    self.validate(step, metrics_logger)
-                    validated = step
-                if preemption.should_stop(step):
-                    if pending:
-                        self._flush_metrics(pending, tick, metrics_logger, progress)
-                    checkpointer.save(step, self.state, self.data.get_state(), force=True)
-                    log.warning("SIGTERM received: checkpoint saved at step %d, exiting", step)
-                    return
-            checkpointer.save(step, self.state, self.data.get_state(), force=True)
-            if run.should_validate_final(cfg, step, validated):
-                self.validate(step, metrics_logger)
-        self.export()
+    def checkpoints(self) -> Checkpointer:
+        return self.checkpointer
 
-    def _should_validate(self, step: int, epochs_before: int) -> bool:
-        """Whether to validate after ``step``; by epochs, process 0's count decides (hosts that skipped different
-        numbers of samples, or read different shards of a stream, may disagree on when an epoch ended)."""
-        decision = run.should_validate(self.config, step, epochs_before, self.data.completed_epochs)
-        if self.config.validation_epochs:
-            return parallel.process_zero_decides(decision)
-        return decision
+    def run_step(self, step: int) -> dict[str, Any]:
+        batch = self.global_batch(self.host_batch(step))
+        if self._step_fn is None:
+            self._step_fn = self.compile_step(batch)
+        self.state, metrics = self._step_fn(self.state, self.frozen, batch)
+        return metrics
 
     def compile_step(self, batch: dict[str, jax.Array]) -> Any:
         """Compile the step ahead of time, once, and log what XLA says it needs."""
@@ -412,24 +357,23 @@ class Trainer:
         parallel.barrier("train step compiled")  # hosts start the first step's collectives together
         return compiled
 
-    def _flush_metrics(
-        self, pending: list[tuple[int, dict]], tick: float, logger: MetricsLogger, progress: ProgressBar
-    ) -> float:
-        """Fetch the metrics of the steps since the last log (one device sync) and write them."""
+    def fetch_metrics(self, pending: Pending) -> list[tuple[int, dict[str, float]]]:
         fetched = jax.device_get([m for _, m in pending])
-        rows = [
+        return [
             (step, {k: float(v) for k, v in values.items()})
             for (step, _), values in zip(pending, fetched, strict=True)
         ]
-        return run.log_steps(
-            rows,
-            tick,
-            samples_per_step=self.batch_size * self.accum,
-            skipped=self.data.skipped,
-            logger=logger,
-            progress=progress,
-            checkpoints_dir=self.out / "checkpoints",
-        )
+
+    def save_checkpoint(self, step: int, *, force: bool = False) -> None:
+        self.checkpointer.save(step, self.state, self.data.get_state(), force=force)
+
+    def should_validate(self, step: int, epochs_before: int) -> bool:
+        """By epochs, process 0's count decides (hosts that skipped different numbers of samples, or read
+        different shards of a stream, may disagree on when an epoch ended)."""
+        decision = super().should_validate(step, epochs_before)
+        if self.config.validation_epochs:
+            return parallel.process_zero_decides(decision)
+        return decision
 
 
 def export_trained(task: Any, params: dict, output_dir: Path, dtype: str, *, write: bool = True) -> None:

@@ -9,7 +9,6 @@ at ``output_dir``. Everything task-specific comes from the task plug-in (``torch
 import contextlib
 import logging
 import math
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,12 +21,13 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from PIL import Image
 
-from jaxdiff import cli, run
+from jaxdiff import run
 from jaxdiff.checkpoint import PreemptionGuard, resolve_resume
 from jaxdiff.config import ConfigError, TrainConfig
 from jaxdiff.data import make_train_iterator, specs_from_config
 from jaxdiff.hub import HubOptions
-from jaxdiff.metrics import MetricsLogger, ProgressBar, save_config, save_validation_images
+from jaxdiff.loop import Pending, TrainLoop
+from jaxdiff.metrics import MetricsLogger, save_validation_images
 from jaxdiff.optim import scaled_learning_rate
 from jaxdiff.publish import check_hub_access, export_pipeline, push_to_hub
 from torch_backend.checkpoint import TorchCheckpointer
@@ -97,8 +97,10 @@ def to_tensors(arrays: dict[str, np.ndarray], device: torch.device) -> dict[str,
     return {k: torch.from_numpy(np.ascontiguousarray(v)).to(device) for k, v in arrays.items()}
 
 
-class Trainer:
-    """Builds everything a run needs from the config; `train()` runs it."""
+class Trainer(TrainLoop):
+    """Builds everything a run needs from the config; `train()` (jaxdiff.loop) runs it."""
+
+    jax_preemption_sync = False
 
     def __init__(self, config: TrainConfig) -> None:
         check_torch_features(config)
@@ -169,6 +171,22 @@ class Trainer:
                 power=config.ema_power,
             )
             acc.register_for_checkpointing(self.ema)
+
+        # Checkpoints, and the position to continue from (accelerate restores models, optimizer and EMA).
+        self.checkpointer = TorchCheckpointer(
+            acc,
+            self.out / "checkpoints",
+            save_interval_steps=config.checkpointing_steps,
+            max_to_keep=config.checkpoints_total_limit,
+        )
+        self.is_main, self.samples_per_step, self.start_step = acc.is_main_process, self.step_batch_size, 0
+        resume = resolve_resume(config.resume_from_checkpoint, self.out / "checkpoints")
+        if resume is None:
+            log.info("starting from the pretrained weights (no checkpoint to resume from)")
+        else:
+            path, self.start_step = resume
+            self.data.set_state(self.checkpointer.restore(path))
+            log.info("resumed from step %d", self.start_step)
 
     # ---- the step ----------------------------------------------------------------------------------------
 
@@ -262,98 +280,29 @@ class Trainer:
                 push_to_hub(self.out, cfg.hub_model_id, token=cfg.hub_token, ignore=run.hub_ignore(cfg))
         acc.wait_for_everyone()
 
-    # ---- the loop ----------------------------------------------------------------------------------------
+    # ---- the loop's hooks (jaxdiff.loop runs them) ---------------------------------------------------------
 
-    def _should_stop(self, preemption: PreemptionGuard, step: int) -> bool:
-        """SIGTERM seen by any process (all processes agree, so they save the same step)."""
+    def run_step(self, step: int) -> dict[str, Any]:
+        return self.train_step(*self.inputs(step))
+
+    def fetch_metrics(self, pending: Pending) -> list[tuple[int, dict[str, float]]]:
+        losses = self.accelerator.reduce(torch.stack([m["loss"] for _, m in pending]), reduction="mean")
+        grad_norms = torch.stack([m["grad_norm"] for _, m in pending])
+        fetched = torch.stack([losses, grad_norms]).cpu().tolist()
+        return [
+            (step, {"loss": loss, "grad_norm": grad_norm, "lr": metrics["lr"]})
+            for (step, metrics), loss, grad_norm in zip(pending, *fetched, strict=True)
+        ]
+
+    def save_checkpoint(self, step: int, *, force: bool = False) -> None:
+        self.checkpointer.save(step, self.data.get_state(), force=force)
+
+    def should_stop(self, preemption: PreemptionGuard, step: int) -> bool:
         stop = preemption.should_stop(step)
         if self.accelerator.num_processes > 1:
             flag = torch.tensor(float(stop), device=self.accelerator.device)
             stop = bool(self.accelerator.reduce(flag, reduction="sum").item() > 0)
         return stop
-
-    def train(self) -> None:
-        """Run to max_train_steps (or until preempted), checkpointing, logging and validating on the way."""
-        cfg, acc = self.config, self.accelerator
-        main = acc.is_main_process
-        if main:
-            self.out.mkdir(parents=True, exist_ok=True)
-            save_config(self.out, cli.to_yaml(cfg))
-        checkpointer = TorchCheckpointer(
-            acc,
-            self.out / "checkpoints",
-            save_interval_steps=cfg.checkpointing_steps,
-            max_to_keep=cfg.checkpoints_total_limit,
-        )
-        start = 0
-        resume = resolve_resume(cfg.resume_from_checkpoint, self.out / "checkpoints")
-        if resume is None:
-            log.info("starting from the pretrained weights (no checkpoint to resume from)")
-        else:
-            path, start = resume
-            self.data.set_state(checkpointer.restore(path))
-            log.info("resumed from step %d", start)
-        with (
-            self.data,
-            MetricsLogger(
-                self.out,
-                report_to=cfg.report_to,
-                logging_dir=cfg.logging_dir,
-                project=cfg.tracker_project_name,
-                config=cfg.model_dump(mode="json"),
-                resume_step=start,
-                is_main_process=main,
-            ) as metrics_logger,
-            PreemptionGuard(jax_multiprocess=False) as preemption,
-            ProgressBar(total=self.max_steps, initial=start, is_main_process=main) as progress,
-        ):
-            pending: list[tuple[int, dict]] = []
-            tick = time.perf_counter()
-            step, validated = start, None
-            while step < self.max_steps:
-                epochs = self.data.completed_epochs
-                metrics = self.train_step(*self.inputs(step))
-                step += 1
-                pending.append((step, metrics))
-                # Metrics are checked for a non-finite loss before any checkpoint that would contain it.
-                if step % cfg.logging_steps == 0 or step % cfg.checkpointing_steps == 0 or step == self.max_steps:
-                    tick = self._flush_metrics(pending, tick, metrics_logger, progress)
-                    pending = []
-                checkpointer.save(step, self.data.get_state())
-                if run.should_validate(cfg, step, epochs, self.data.completed_epochs):
-                    self.validate(step, metrics_logger)
-                    validated = step
-                if self._should_stop(preemption, step):
-                    if pending:
-                        self._flush_metrics(pending, tick, metrics_logger, progress)
-                    checkpointer.save(step, self.data.get_state(), force=True)
-                    log.warning("SIGTERM received: checkpoint saved at step %d, exiting", step)
-                    return
-            checkpointer.save(step, self.data.get_state(), force=True)
-            if run.should_validate_final(cfg, step, validated):
-                self.validate(step, metrics_logger)
-        self.export()
-
-    def _flush_metrics(
-        self, pending: list[tuple[int, dict]], tick: float, logger: MetricsLogger, progress: ProgressBar
-    ) -> float:
-        """Fetch the metrics of the steps since the last log (one device sync; losses averaged over processes)."""
-        losses = self.accelerator.reduce(torch.stack([m["loss"] for _, m in pending]), reduction="mean")
-        grad_norms = torch.stack([m["grad_norm"] for _, m in pending])
-        fetched = torch.stack([losses, grad_norms]).cpu().tolist()
-        rows = [
-            (step, {"loss": loss, "grad_norm": grad_norm, "lr": metrics["lr"]})
-            for (step, metrics), loss, grad_norm in zip(pending, *fetched, strict=True)
-        ]
-        return run.log_steps(
-            rows,
-            tick,
-            samples_per_step=self.step_batch_size,
-            skipped=self.data.skipped,
-            logger=logger,
-            progress=progress,
-            checkpoints_dir=self.out / "checkpoints",
-        )
 
 
 def export_checkpoint(config: TrainConfig, checkpoint: Path, output_dir: Path, *, use_ema: bool, dtype: str) -> None:
