@@ -11,11 +11,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+from PIL import Image
+
 from jaxdiff import cli, run
 from jaxdiff.checkpoint import PreemptionGuard
 from jaxdiff.config import TrainConfig
 from jaxdiff.data import DataIterator
-from jaxdiff.metrics import MetricsLogger, ProgressBar, save_config
+from jaxdiff.metrics import MetricsLogger, ProgressBar, save_config, save_validation_images
 
 log = logging.getLogger("jaxdiff")
 
@@ -64,6 +67,11 @@ class TrainLoop(abc.ABC):
     @abc.abstractmethod
     def export(self) -> None:
         """The final pipeline at ``out`` (and its upload); every process calls it."""
+
+    def write_validation(self, step: int, grids: list[np.ndarray], metrics_logger: MetricsLogger) -> None:
+        """The main process's part of `validate`: one PNG grid per validation prompt, also sent to the trackers."""
+        for path in save_validation_images(self.out, step, list(self.config.validation_prompts or []), grids):
+            metrics_logger.log_images(f"validation/{path.stem}", np.asarray(Image.open(path).convert("RGB")), step)
 
     def should_validate(self, step: int, epochs_before: int) -> bool:
         """Whether to validate after ``step`` (the config's step or epoch schedule)."""

@@ -14,7 +14,6 @@ import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
-from PIL import Image
 
 from jaxdiff import cpu_devices, optim, parallel, run
 from jaxdiff.checkpoint import Checkpointer, resolve_resume
@@ -22,7 +21,7 @@ from jaxdiff.config import TrainConfig
 from jaxdiff.data import make_train_iterator, specs_from_config
 from jaxdiff.hub import HubOptions
 from jaxdiff.loop import Pending, TrainLoop
-from jaxdiff.metrics import MetricsLogger, save_validation_images
+from jaxdiff.metrics import MetricsLogger
 from jaxdiff.publish import check_hub_access, export_pipeline, push_to_hub
 from jaxdiff.tasks import TASKS
 
@@ -319,9 +318,7 @@ class Trainer(TrainLoop):
             grids.append(parallel.to_host(images))
         if not self.is_main:
             return
-        paths = save_validation_images(self.out, step, list(prompts), grids)
-        for path in paths:
-            metrics_logger.log_images(f"validation/{path.stem}", np.asarray(Image.open(path).convert("RGB")), step)
+        self.write_validation(step, grids, metrics_logger)
 
     def export(self) -> None:
         """The final diffusers pipeline at output_dir: trained components written, the rest copied through.

@@ -19,7 +19,6 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, set_seed
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
-from PIL import Image
 
 from jaxdiff import run
 from jaxdiff.checkpoint import PreemptionGuard, resolve_resume
@@ -27,7 +26,7 @@ from jaxdiff.config import ConfigError, TrainConfig
 from jaxdiff.data import make_train_iterator, specs_from_config
 from jaxdiff.hub import HubOptions
 from jaxdiff.loop import Pending, TrainLoop
-from jaxdiff.metrics import MetricsLogger, save_validation_images
+from jaxdiff.metrics import MetricsLogger
 from jaxdiff.optim import scaled_learning_rate
 from jaxdiff.publish import check_hub_access, export_pipeline, push_to_hub
 from torch_backend.checkpoint import TorchCheckpointer
@@ -257,9 +256,7 @@ class Trainer(TrainLoop):
                 for i, prompt in enumerate(prompts):
                     generator = torch.Generator(acc.device).manual_seed(derived_seed(cfg.seed, VALIDATION_STREAM, i))
                     grids.append(self.task.sample(models, prompt, cfg.num_validation_images, generator))
-            paths = save_validation_images(self.out, step, list(prompts), grids)
-            for path in paths:
-                metrics_logger.log_images(f"validation/{path.stem}", np.asarray(Image.open(path).convert("RGB")), step)
+            self.write_validation(step, grids, metrics_logger)
         acc.wait_for_everyone()
 
     def export(self) -> None:
