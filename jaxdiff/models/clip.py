@@ -256,6 +256,8 @@ class CLIPTextModel(_CLIPTextBase):
     """CLIP text encoder: token states and the pooled end-of-text state."""
 
     torch_class_name = "CLIPTextModel"
+    #: transformers 5's CLIPTextModel is our ``text_model``: its module names (LoRA keys) have no "text_model.".
+    torch_module_root: ClassVar[str] = "text_model"
 
     def __call__(
         self, input_ids: jax.Array, attention_mask: jax.Array | None = None, *, output_hidden_states: bool = False

@@ -1,0 +1,126 @@
+"""LoRA adapters: peft's layer choice and initialisation, and diffusers' ``load_lora_weights`` of our file giving
+our adapted models' outputs (float32, alpha != rank)."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from diffusers import UNet2DConditionModel as TorchUNet2DConditionModel
+from flax import nnx
+from safetensors import safe_open
+
+from jaxdiff.models.clip import CLIPTextModel
+from jaxdiff.models.lora import (
+    LORA_WEIGHTS_NAME,
+    TEXT_ENCODER_TARGETS,
+    UNET_TARGETS,
+    add_lora,
+    matches,
+    save_lora_weights,
+)
+from jaxdiff.models.nn import LoRAParam
+from jaxdiff.models.unet_2d_condition import UNet2DConditionModel
+from tests.models import max_abs_diff
+
+MODEL_TOL = 1e-4
+
+
+def _randomize_adapters(model: nnx.Module, seed: int) -> None:
+    """Non-zero ``up`` matrices too (they start at zero), so the comparison sees every adapter."""
+    key = jax.random.PRNGKey(seed)
+    for i, (_, variable) in enumerate(nnx.iter_graph(model)):
+        if isinstance(variable, LoRAParam):
+            value = variable.get_value()
+            variable.set_value(0.3 * jax.random.normal(jax.random.fold_in(key, i), value.shape, value.dtype))
+
+
+@nnx.jit
+def _unet(model, sample, timestep, encoder_hidden_states):
+    return model(sample, timestep, encoder_hidden_states).sample
+
+
+@nnx.jit
+def _text(model, ids):
+    return model(ids).last_hidden_state
+
+
+def test_targets_follow_peft_matching():
+    assert matches("down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q", UNET_TARGETS)
+    assert matches("mid_block.attentions.0.transformer_blocks.0.attn2.to_out.0", UNET_TARGETS)
+    assert not matches("down_blocks.0.attentions.0.proj_in", UNET_TARGETS)
+    assert not matches("x.not_to_q", ("to_q",))  # a whole name component, not a suffix of one
+    assert matches("a.attn1.to_q", ("attn1.to_q",)) and not matches("a.attn2.to_q", ("attn1.to_q",))
+
+
+def test_adapters_start_at_the_base_model_and_only_they_are_lora_state(tiny_sd_path):
+    unet = UNet2DConditionModel.from_pretrained(tiny_sd_path, subfolder="unet")
+    base_params = nnx.state(unet, nnx.Param)
+    sample, t = jnp.ones((1, 4, 8, 8)), jnp.array([10])
+    text = jnp.linspace(-1, 1, 7 * 32).reshape(1, 7, 32)
+    before = _unet(unet, sample, t, text)
+
+    names = add_lora(unet, UNET_TARGETS, rank=4, alpha=8, rngs=nnx.Rngs(0))
+    theirs = TorchUNet2DConditionModel.from_pretrained(tiny_sd_path, subfolder="unet")
+    linears = [n for n, m in theirs.named_modules() if isinstance(m, torch.nn.Linear)]
+    assert sorted(names) == sorted(n for n in linears if matches(n, UNET_TARGETS))
+    assert len(names) == 4 * 2 * 4  # 4 transformer blocks (down, mid, 2 up) x (attn1, attn2) x (q, k, v, out)
+    adapters = nnx.state(unet, LoRAParam)
+    assert len(jax.tree.leaves(adapters)) == 2 * len(names)
+    assert jax.tree.structure(nnx.state(unet, nnx.Param)) == jax.tree.structure(base_params)  # not Params
+    downs = np.concatenate([np.ravel(v) for p, v in nnx.to_flat_state(adapters) if p[-1] == "down"])
+    ups = [v for p, v in nnx.to_flat_state(adapters) if p[-1] == "up"]
+    assert all(not np.any(np.asarray(u.get_value())) for u in ups)  # lora_B = 0
+    assert abs(downs.std() - 1 / 4) < 0.02  # peft's "gaussian": lora_A ~ N(0, 1/rank^2)
+    np.testing.assert_array_equal(_unet(unet, sample, t, text), before)
+
+
+def test_bad_targets_and_rank_are_refused(tiny_sd_path):
+    unet = UNet2DConditionModel.from_pretrained(tiny_sd_path, subfolder="unet")
+    with pytest.raises(ValueError, match=r"no Linear layer of UNet2DConditionModel matches the LoRA targets \['q'\]"):
+        add_lora(unet, ["q"], rank=4, alpha=4, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="rank=0: must be >= 1"):
+        add_lora(unet, UNET_TARGETS, rank=0, alpha=4, rngs=nnx.Rngs(0))
+
+
+def test_diffusers_loads_our_lora_file_and_matches_our_adapted_models(tiny_sd_path, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_sd_path, subfolder="unet")
+    text_encoder = CLIPTextModel.from_pretrained(tiny_sd_path, subfolder="text_encoder")
+    add_lora(unet, UNET_TARGETS, rank=4, alpha=8, rngs=nnx.Rngs(0))  # alpha != rank: scale 2
+    add_lora(text_encoder, TEXT_ENCODER_TARGETS, rank=2, alpha=1, rngs=nnx.Rngs(1))  # scale 0.5
+    _randomize_adapters(unet, 0)
+    _randomize_adapters(text_encoder, 1)
+    path = save_lora_weights(tmp_path, {"unet": unet, "text_encoder": text_encoder})
+    assert path == tmp_path / LORA_WEIGHTS_NAME
+
+    with safe_open(path, "np") as f:
+        keys = set(f.keys())
+        metadata = json.loads(f.metadata()["lora_adapter_metadata"])
+    assert all(k.endswith((".lora_A.weight", ".lora_B.weight")) for k in keys)  # adapters only
+    assert "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight" in keys
+    assert "text_encoder.encoder.layers.0.self_attn.q_proj.lora_B.weight"  # transformers 5 names in keys
+    assert (metadata["unet.r"], metadata["unet.lora_alpha"]) == (4, 8)
+    assert (metadata["text_encoder.r"], metadata["text_encoder.lora_alpha"]) == (2, 1)
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd_path, safety_checker=None)
+    pipe.load_lora_weights(tmp_path)
+    generator = torch.Generator().manual_seed(0)
+    sample = torch.randn(2, 4, 8, 8, generator=generator)
+    hidden = torch.randn(2, 7, 32, generator=generator)
+    timestep = torch.tensor([3, 801])
+    ids = torch.tensor([[0, 5, 9, 14, 1, 1, 1], [0, 7, 3, 1, 1, 1, 1]])
+    with torch.no_grad():
+        expected_unet = pipe.unet(sample, timestep, hidden).sample
+        expected_text = pipe.text_encoder(ids).last_hidden_state
+    got_unet = _unet(unet, jnp.asarray(sample.numpy()), jnp.asarray(timestep.numpy()), jnp.asarray(hidden.numpy()))
+    got_text = _text(text_encoder, jnp.asarray(ids.numpy()))
+    assert max_abs_diff(got_text, expected_text) <= MODEL_TOL
+    assert max_abs_diff(got_unet, expected_unet) <= MODEL_TOL
+    # The adapters are what differs from the base (a file diffusers ignored would leave the base outputs).
+    base = StableDiffusionPipeline.from_pretrained(tiny_sd_path, safety_checker=None)
+    with torch.no_grad():
+        assert max_abs_diff(base.unet(sample, timestep, hidden).sample, expected_unet) > 100 * MODEL_TOL
