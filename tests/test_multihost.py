@@ -320,7 +320,7 @@ def _train_with_probe(argv: list[str]) -> None:
     """`python -m jaxdiff.train argv`, recording (process, writer) calls and (process, epoch, index) reads."""
     import jax
 
-    from jaxdiff import trainer
+    from jaxdiff import loop, trainer
     from jaxdiff.data import pipeline
     from jaxdiff.train import main
 
@@ -338,8 +338,9 @@ def _train_with_probe(argv: list[str]) -> None:
 
         return call
 
-    for name in WRITERS:
-        setattr(trainer, name, probed(name, getattr(trainer, name)))
+    for name in WRITERS:  # patched where the loop and the trainer look them up
+        module = trainer if name == "export_pipeline" else loop
+        setattr(module, name, probed(name, getattr(module, name)))
     read = pipeline._Examples.__call__
 
     def read_and_record(self, epoch_and_index):
