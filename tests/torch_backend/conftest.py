@@ -1,11 +1,8 @@
-"""Torch-backend tests: one intra-op thread per test process, and a fresh accelerate state per test.
+"""Torch-backend tests: one intra-op thread per test process (tests/conftest.py resets accelerate's state).
 
 The test machines have 2 cores shared by `pytest -n 2` workers (and other jobs); torch's default of one OpenMP
 thread per core then makes small ops wait on descheduled threads (an AdamW step of the tiny UNet takes ~1 s
 instead of ~15 ms). Subprocesses inherit OMP_NUM_THREADS.
-
-accelerate keeps its state (mixed precision, ...) in process-wide singletons that a second `Accelerator` with
-other settings refuses; each test starts from none, as accelerate's own test cases do.
 """
 
 import pytest
@@ -14,12 +11,9 @@ import pytest
 @pytest.fixture(autouse=True)
 def _torch_test_process(monkeypatch: pytest.MonkeyPatch):
     import torch
-    from accelerate.state import AcceleratorState, GradientState
 
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
