@@ -245,10 +245,11 @@ class Trainer(TrainLoop):
         )
 
         # Input: each optimizer step consumes `accum` micro-batches, delivered as one batch.
-        source, transform, loader = specs_from_config(config, self.batch_size * self.accum)
+        self.samples_per_step = self.batch_size * self.accum
+        source, transform, loader = specs_from_config(config, self.samples_per_step)
         cache = run.open_latent_cache(config, self.task, source, transform, self.batch_size)
         self.data = make_train_iterator(source, transform, loader, self.task.tokenizers, latent_cache=cache)
-        self.max_steps = run.max_train_steps(config, self.data.samples_per_epoch, self.batch_size * self.accum)
+        self.max_steps = run.max_train_steps(config, self.data.samples_per_epoch, self.samples_per_step)
 
         # Optimizer, shardings and the compiled step; then the state: from a checkpoint, else from the pretrained
         # weights (never both, so only one copy of the state is ever on the devices).
@@ -276,7 +277,6 @@ class Trainer(TrainLoop):
             self.data.set_state(data_state)
             log.info("resumed from step %d", self.start_step)
         self.batch_sharding = self.program.batch_sharding
-        self.samples_per_step = self.batch_size * self.accum
         self._step_fn: Any = None
 
     def _models(self, params: dict, frozen: dict) -> dict[str, nnx.Module]:
@@ -286,7 +286,7 @@ class Trainer(TrainLoop):
         """This host's next batch; with ``--random_source host``, also the step's randoms (its rows of them)."""
         batch: dict[str, Any] = next(self.data)
         if self.config.random_source == "host":
-            draws = self.task.draw_host(step, self.batch_size * self.accum)
+            draws = self.task.draw_host(step, self.samples_per_step)
             batch[HOST_RANDOMS] = run.process_rows(draws, jax.process_index(), jax.process_count())
         return batch
 

@@ -128,8 +128,8 @@ class Trainer(TrainLoop):
 
         # Input: each optimizer step consumes `accum` micro-batches per process, delivered as one batch.
         self.accum = config.gradient_accumulation_steps
-        self.step_batch_size = config.train_batch_size * acc.num_processes * self.accum
-        source, transform, loader = specs_from_config(config, self.step_batch_size)
+        self.samples_per_step = config.train_batch_size * acc.num_processes * self.accum
+        source, transform, loader = specs_from_config(config, self.samples_per_step)
         with acc.main_process_first():  # the main process encodes the cache; the others then open it
             cache = run.open_latent_cache(config, self.task, source, transform, config.train_batch_size)
         self.data = make_train_iterator(
@@ -141,7 +141,7 @@ class Trainer(TrainLoop):
             process_index=acc.process_index,
             process_count=acc.num_processes,
         )
-        self.max_steps = run.max_train_steps(config, self.data.samples_per_epoch, self.step_batch_size)
+        self.max_steps = run.max_train_steps(config, self.data.samples_per_epoch, self.samples_per_step)
 
         # Optimizer, schedule (diffusers' curves, equal to jaxdiff.optim.lr_schedule) and EMA.
         names = list(self.task.trainable)
@@ -178,7 +178,7 @@ class Trainer(TrainLoop):
             save_interval_steps=config.checkpointing_steps,
             max_to_keep=config.checkpoints_total_limit,
         )
-        self.is_main, self.samples_per_step, self.start_step = acc.is_main_process, self.step_batch_size, 0
+        self.is_main, self.start_step = acc.is_main_process, 0
         resume = resolve_resume(config.resume_from_checkpoint, self.out / "checkpoints")
         if resume is None:
             log.info("starting from the pretrained weights (no checkpoint to resume from)")
@@ -195,7 +195,7 @@ class Trainer(TrainLoop):
         batch = to_tensors(next(self.data), device)
         rows = len(next(iter(batch.values())))
         if self.config.random_source == "host":  # the global batch's draws; this process's rows
-            draws = self.task.draw_host(step, self.step_batch_size)
+            draws = self.task.draw_host(step, self.samples_per_step)
             randoms = to_tensors(run.process_rows(draws, acc.process_index, acc.num_processes), device)
         else:
             generator = torch.Generator(device).manual_seed(derived_seed(self.config.seed, step, acc.process_index))
