@@ -1,7 +1,7 @@
 """Training step time of the same SD- or SDXL-shaped model in jaxdiff and in diffusers (torch), side by side.
 
     python benchmarks/step_time.py [--task text_to_image|sdxl] [--[no-]cache_latents] [--steps 20] [--warmup 3]
-        [--batch_size 4] [--resolution 256]
+        [--batch_size 4] [--resolution 256] [--lora_rank 4]
 
 Builds, in a temporary folder, a randomly initialised diffusers-format SD pipeline (a ~35M-parameter SD-shaped
 UNet, a small 4-level VAE, a small CLIP text encoder) and an imagefolder of generated 256 px images. Then it
@@ -11,6 +11,10 @@ times one optimizer step of text-to-image fine-tuning on that pipeline:
 * torch: the step of diffusers' train_text_to_image.py on the same pipeline folder and the same batch;
 * torch_backend: jaxdiff's torch backend (``--backend torch``): its Trainer's real step (the text_to_image task's
   draws and loss, accumulation loop, clipping, AdamW, LR schedule) on the same pipeline folder and batch.
+
+``--lora_rank N`` times LoRA training instead (rank N adapters on the UNet's attention projections, alpha = rank,
+the base weights frozen): jaxdiff's ``--lora_rank``, against diffusers' train_text_to_image_lora.py
+(train_text_to_image_lora_sdxl.py for SDXL) recipe with peft, ``unet.add_adapter(LoraConfig(...))``.
 
 ``--task sdxl`` does the same for SDXL fine-tuning on an SDXL-shaped pipeline (a ~50M-parameter UNet without attention
 at its first level, linear projections and ``text_time`` conditioning; two text encoders, the second with
@@ -204,6 +208,7 @@ def jaxdiff_step(model: Path, data: Path, out: Path, args: argparse.Namespace, g
             {
                 "pretrained_model_name_or_path": str(model),
                 "task": args.task,
+                "lora_rank": args.lora_rank,
                 "cache_latents": args.cache_latents,
                 "train_data_dir": str(data),
                 "output_dir": str(out),
@@ -242,7 +247,7 @@ def jaxdiff_step(model: Path, data: Path, out: Path, args: argparse.Namespace, g
 
 def torch_step(model: Path, host_batch: dict, config, gpu: bool):
     """One optimizer step of diffusers' train_text_to_image.py (SD) or train_text_to_image_sdxl.py (SDXL) on the
-    same pipeline and batch."""
+    same pipeline and batch; with --lora_rank of their _lora variants (peft adapters on the frozen UNet)."""
     import torch
     import torch.nn.functional as F
     from diffusers import DDPMScheduler, UNet2DConditionModel
@@ -253,16 +258,27 @@ def torch_step(model: Path, host_batch: dict, config, gpu: bool):
         torch.set_num_threads(os.cpu_count() or 1)
     scheduler = DDPMScheduler.from_pretrained(model, subfolder="scheduler")
     unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet").to(device)
+    # Mixed precision as accelerate does it: frozen models in bf16, the UNet in fp32 under autocast.
+    weight_dtype = torch.bfloat16 if gpu else torch.float32
+    if config.lora_rank:  # the LoRA scripts: frozen UNet in the weight dtype, float32 adapters
+        from peft import LoraConfig
+
+        unet.requires_grad_(False).to(dtype=weight_dtype) if gpu else unet.requires_grad_(False)
+        rank = config.lora_rank
+        targets = ["to_k", "to_q", "to_v", "to_out.0"]
+        unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=targets))
+        for param in unet.parameters():
+            if param.requires_grad:
+                param.data = param.data.float()
     unet.train()
+    params = [p for p in unet.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
-        unet.parameters(),
+        params,
         lr=config.learning_rate,
         betas=(config.adam_beta1, config.adam_beta2),
         weight_decay=config.adam_weight_decay,
         eps=config.adam_epsilon,
     )
-    # Mixed precision as accelerate does it: frozen models in bf16, the UNet in fp32 under autocast.
-    weight_dtype = torch.bfloat16 if gpu else torch.float32
     batch = {k: torch.from_numpy(v).to(device) for k, v in torch_arrays(host_batch).items()}
     inputs = reference_inputs(model, batch, config, device, weight_dtype)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=gpu)
@@ -277,7 +293,7 @@ def torch_step(model: Path, host_batch: dict, config, gpu: bool):
             model_pred = unet(noisy_latents, timesteps, **conditioning, return_dict=False)[0]
         loss = F.mse_loss(model_pred.float(), noise.float(), reduction="mean")
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), config.max_grad_norm)
+        torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad()
         value = loss.item()  # the training scripts log loss.detach().item() every step
@@ -285,7 +301,7 @@ def torch_step(model: Path, host_batch: dict, config, gpu: bool):
             torch.cuda.synchronize()
         return value
 
-    return step, sum(p.numel() for p in unet.parameters())
+    return step, sum(p.numel() for p in unet.parameters()), sum(p.numel() for p in params)
 
 
 def torch_arrays(host_batch: dict) -> dict[str, np.ndarray]:
@@ -443,6 +459,9 @@ def main() -> None:
         "(train_text_to_image.py encodes every step), on for sdxl (train_text_to_image_sdxl.py encodes the "
         "dataset before training).",
     )
+    parser.add_argument(
+        "--lora_rank", type=int, default=None, help="Time LoRA training of this rank (default: full fine-tuning)."
+    )
     parser.add_argument("--steps", type=int, default=20, help="Timed steps (rounds) of each framework.")
     parser.add_argument("--warmup", type=int, default=3, help="Untimed steps of each framework first.")
     parser.add_argument("--batch_size", type=int, default=None, help="Default: 4 on CPU, 16 on GPU.")
@@ -495,9 +514,9 @@ def main() -> None:
         print(f"built pipeline and {args.images} images in {time.perf_counter() - start:.1f} s")
 
         jax_fn, host_batch, config, mesh = jaxdiff_step(model, data, root / "out", args, gpu)
-        torch_fn, params = torch_step(model, host_batch, config, gpu)
+        torch_fn, params, trained = torch_step(model, host_batch, config, gpu)
         backend_fn = torch_backend_step(host_batch, config, root / "out_torch")
-        print(f"UNet parameters: {params:,}")
+        print(f"UNet parameters: {params:,} ({trained:,} trained)")
         print(
             f"warmup: {args.warmup} steps each; timing {args.steps} steps each, alternating jaxdiff / torch / "
             "torch_backend"
@@ -527,8 +546,8 @@ def main() -> None:
     encoded = "cached latents and text states" if args.cache_latents else "VAE and text encoder(s) every step"
     rows = [
         ("device", device),
-        ("task", f"{args.task} ({encoded})"),
-        ("UNet parameters", f"{params:,}"),
+        ("task", f"{args.task}{f' LoRA rank {args.lora_rank}' if args.lora_rank else ''} ({encoded})"),
+        ("UNet parameters", f"{params:,} ({trained:,} trained)"),
         ("batch", f"{args.batch_size} x 3 x {args.resolution} x {args.resolution}"),
         ("jaxdiff ms/step (median)", spread(jax_times)),
         ("torch ms/step (median)", spread(torch_times)),
@@ -539,7 +558,7 @@ def main() -> None:
     if not gpu:
         verdict = "meets" if ratio <= CPU_TARGET else "misses"
         rows.append(("CPU target", f"ratio <= {CPU_TARGET} ({verdict} it)"))
-    elif args.task == "text_to_image":  # the FLOP count is SD 1.5's UNet
+    elif args.task == "text_to_image" and not args.lora_rank:  # the FLOP count: SD 1.5 UNet full fine-tuning
         flop = SD_TRAIN_TFLOP_PER_512PX_IMAGE * 1e12 * args.batch_size * (args.resolution / 512) ** 2
         for name, ms in (("jaxdiff", jax_ms), ("torch", torch_ms), ("torch_backend", backend_ms)):
             mfu = flop / (ms / 1000) / (args.peak_tflops * 1e12)

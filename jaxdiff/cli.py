@@ -63,6 +63,10 @@ def _choices(annotation: Any) -> list[Any] | None:
     return list(typing.get_args(literals[0])) if literals else None
 
 
+#: Other spellings of a field's flag that diffusers' scripts use.
+FLAG_ALIASES: dict[str, tuple[str, ...]] = {"lora_rank": ("--rank",)}
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The CLI: one flag per config field, grouped by theme, help from the field descriptions."""
     parser = _Parser(
@@ -80,16 +84,17 @@ def build_parser() -> argparse.ArgumentParser:
     groups = {name: parser.add_argument_group(name) for name in GROUPS}
     for name, field in TrainConfig.model_fields.items():
         group = groups[field_meta(name)["group"]]
+        flags = [f"--{name}", *FLAG_ALIASES.get(name, ())]
         text = field.description or ""
         shown_default = "" if field.default is None else f" (default: {field.default})"
         if _is_bool(field.annotation):
-            group.add_argument(f"--{name}", action=argparse.BooleanOptionalAction, help=text + shown_default)
+            group.add_argument(*flags, action=argparse.BooleanOptionalAction, help=text + shown_default)
         elif _is_list(field.annotation):
-            group.add_argument(f"--{name}", nargs="+", metavar="TEXT", help=text + shown_default)
+            group.add_argument(*flags, nargs="+", metavar="TEXT", help=text + shown_default)
         else:
             choices = _choices(field.annotation)
             metavar = "{" + ",".join(map(str, choices)) + "}" if choices else name.upper()
-            group.add_argument(f"--{name}", metavar=metavar, help=text + shown_default)
+            group.add_argument(*flags, metavar=metavar, help=text + shown_default)
     parser.formatter_class = argparse.HelpFormatter  # defaults are already in the help text
     return parser
 

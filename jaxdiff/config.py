@@ -28,6 +28,7 @@ LCM_TASKS = ("lcm", "lcm_sdxl", "lcm_lora")
 TEXT_TASKS = ("text_to_image", "sdxl", *LCM_TASKS)
 FINETUNE_TASKS = ("text_to_image", "sdxl", "unconditional")
 SDXL_TASKS = ("sdxl", "lcm_sdxl")
+LORA_TASKS = ("text_to_image", "sdxl", "lcm_lora")
 
 GROUPS: tuple[str, ...] = (
     "Run",
@@ -36,6 +37,7 @@ GROUPS: tuple[str, ...] = (
     "Training",
     "Optimizer",
     "Diffusion",
+    "LoRA",
     "LCM distillation",
     "Unconditional",
     "Memory and speed",
@@ -354,9 +356,44 @@ class TrainConfig(BaseModel):
         tasks=("lcm", "lcm_sdxl"),
         gt=0,
     )
-    lora_rank: int = _field(64, "Rank of the LoRA adapters.", group="LCM distillation", tasks=("lcm_lora",), gt=0)
-    lora_alpha: int = _field(
-        64, "LoRA alpha (scale = alpha / rank).", group="LCM distillation", tasks=("lcm_lora",), gt=0
+
+    # LoRA
+    lora_rank: int | None = _field(
+        None,
+        "Train LoRA adapters of this rank (alias --rank) instead of the full weights; the export is then "
+        "pytorch_lora_weights.safetensors (lcm_lora: default 64).",
+        group="LoRA",
+        tasks=LORA_TASKS,
+        gt=0,
+    )
+    lora_alpha: float | None = _field(
+        None,
+        "LoRA alpha: adapters are scaled by alpha / rank (default: alpha = rank).",
+        group="LoRA",
+        tasks=LORA_TASKS,
+        gt=0.0,
+    )
+    lora_dropout: float = _field(
+        0.0, "Dropout on the LoRA adapters' inputs while training.", group="LoRA", tasks=LORA_TASKS, ge=0.0, lt=1.0
+    )
+    lora_target_modules: list[str] | None = _field(
+        None,
+        "UNet modules that get adapters, by name or name suffix as peft matches them (default: to_k to_q to_v "
+        "to_out.0, and add_k_proj add_v_proj where present); the text encoders' are q_proj k_proj v_proj out_proj.",
+        group="LoRA",
+        tasks=LORA_TASKS,
+    )
+    output_kohya_format: bool = _field(
+        False,
+        "Also write the adapters in kohya's format (pytorch_lora_weights_kohya.safetensors).",
+        group="LoRA",
+        tasks=LORA_TASKS,
+    )
+    merge_lora: bool = _field(
+        False,
+        "(jaxdiff) Also export a full pipeline with the adapters merged into the weights.",
+        group="LoRA",
+        tasks=LORA_TASKS,
     )
 
     # Unconditional
@@ -513,6 +550,12 @@ class TrainConfig(BaseModel):
             )
         if not missing and self.process_id >= self.num_processes:
             raise ValueError(f"process_id={self.process_id} must be in [0, num_processes={self.num_processes})")
+        lora_options = ("lora_alpha", "lora_target_modules", "output_kohya_format", "merge_lora", "lora_dropout")
+        set_lora = [f"--{name}" for name in lora_options if getattr(self, name) not in (None, False, 0.0)]
+        if set_lora and self.lora_rank is None and self.task != "lcm_lora":
+            raise ValueError(f"{', '.join(set_lora)} configure LoRA training, which --lora_rank turns on")
+        if self.lora_target_modules is not None and not self.lora_target_modules:
+            raise ValueError("lora_target_modules must name at least one module (or leave it unset)")
         if self.push_to_hub and not self.hub_model_id:
             raise ValueError("push_to_hub needs hub_model_id")
         return self

@@ -12,8 +12,12 @@ from typing import Any
 
 import numpy as np
 
+from jaxdiff.adapters import LoRASettings
 from jaxdiff.config import ConfigError, TrainConfig
 from jaxdiff.diffusion.training import host_draws, timestep_bias_weights
+
+#: Seed stream of the host-drawn LoRA dropout seeds (any number the other host draws do not use).
+DROPOUT_STREAM = 7
 
 
 class TextToImageRoles:
@@ -56,13 +60,18 @@ class TextToImageRoles:
         )
         self.latent_shape = (unet_in_channels, *(side // vae_factor for side in cfg.image_size))
 
+    @functools.cached_property
+    def lora(self) -> LoRASettings | None:
+        """The run's LoRA adapters (then only they train, in every trainable module), or None: full weights."""
+        return LoRASettings.from_config(self.config)
+
     @property
     def _text_encoders(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in self.text_encoder_names}
 
     @property
     def trainable(self) -> dict[str, Any]:
-        """Modules whose parameters are optimised (and exported)."""
+        """Modules whose parameters (with LoRA: whose adapters) are optimised, and exported."""
         return {"unet": self.unet, **(self._text_encoders if self.config.train_text_encoder else {})}
 
     @property
@@ -82,9 +91,10 @@ class TextToImageRoles:
 
     def draw_host(self, step: int, batch_size: int) -> dict[str, np.ndarray]:
         """The step's randoms drawn with NumPy from (seed, step) (`--random_source host`), identical in both
-        backends: `noise`, `noise_in`, `timesteps`, `latent_eps`, as each task's on-device `draw`."""
+        backends: `noise`, `noise_in`, `timesteps`, `latent_eps`, as each task's on-device `draw` (and with LoRA
+        dropout the JAX backend's `dropout_seed`)."""
         cfg = self.config
-        return host_draws(
+        draws = host_draws(
             cfg.seed,
             step,
             batch_size,
@@ -94,6 +104,10 @@ class TextToImageRoles:
             cfg.noise_offset,
             cfg.input_perturbation,
         )
+        if self.lora and self.lora.dropout:
+            rng = np.random.default_rng([cfg.seed, step, DROPOUT_STREAM])
+            draws["dropout_seed"] = rng.integers(0, 2**31, batch_size, dtype=np.int32)
+        return draws
 
 
 class SDXLRoles(TextToImageRoles):

@@ -22,6 +22,7 @@ from jaxdiff.data import make_train_iterator, specs_from_config
 from jaxdiff.hub import HubOptions
 from jaxdiff.loop import Pending, TrainLoop
 from jaxdiff.metrics import MetricsLogger
+from jaxdiff.models.lora import initial_adapters, merge_lora, save_lora_weights
 from jaxdiff.publish import check_hub_access, export_pipeline, push_to_hub
 from jaxdiff.tasks import TASKS
 
@@ -30,12 +31,15 @@ log = logging.getLogger("jaxdiff")
 HOST_RANDOMS = "randoms"  # batch key of host-drawn randoms (--random_source host)
 
 
-def _split(models: dict[str, nnx.Module]) -> tuple[dict, dict, dict]:
-    """(graphdefs, params, other state) per module name."""
-    graphdefs, params, rest = {}, {}, {}
+def split_models(models: dict[str, nnx.Module], trained: dict[str, Any]) -> tuple[dict, dict, dict, dict]:
+    """(graphdefs, trained state, frozen weights, other state) per module name: ``trained[name]`` filters what
+    trains in that module (every parameter, or LoRA adapters; nothing for modules not in it); the frozen weights
+    are its remaining parameters."""
+    graphdefs, params, weights, rest = {}, {}, {}, {}
     for name, module in models.items():
-        graphdefs[name], params[name], rest[name] = nnx.split(module, nnx.Param, ...)
-    return graphdefs, params, rest
+        train_filter = trained.get(name, False)
+        graphdefs[name], params[name], weights[name], rest[name] = nnx.split(module, train_filter, nnx.Param, ...)
+    return graphdefs, params, weights, rest
 
 
 def make_optimizer(
@@ -108,6 +112,40 @@ def load_pretrained(task: Any, models: dict[str, nnx.Module], shardings: dict) -
     return {name: nnx.state(module, nnx.Param) for name, module in models.items()}
 
 
+def _trains_weights(task: Any, name: str) -> bool:
+    """Whether module ``name``'s pretrained parameters are trained (full fine-tuning), not frozen."""
+    return name in task.trainable and task.train_filter is nnx.Param
+
+
+def load_frozen(task: Any, mesh: Mesh) -> dict[str, nnx.State]:
+    """Every module's frozen weights (frozen modules', and with LoRA the adapted modules' base weights), read into
+    the task's modules straight into their sharded arrays: the train step's ``frozen`` argument."""
+    models, trained = task_models(task)
+    weight_modules = {n: m for n, m in models.items() if not _trains_weights(task, n)}
+    shardings = parallel.state_shardings({n: nnx.state(m, nnx.Param) for n, m in weight_modules.items()}, mesh)
+    load_pretrained(task, weight_modules, shardings)
+    return split_models(models, trained)[2]
+
+
+def initial_params(task: Any, shardings: dict) -> dict:
+    """The trained state a run starts from, placed by ``shardings``: the pretrained weights of the trainable
+    modules (read into copies, so the task's modules stay abstract), or with LoRA their adapters' starting values."""
+    if task.train_filter is nnx.Param:
+        copies = {name: nnx.clone(module) for name, module in task.trainable.items()}
+        return load_pretrained(task, copies, shardings)
+    host = {name: initial_adapters(module, name, task.config.seed) for name, module in task.trainable.items()}
+    return jax.tree.map(
+        lambda value, sharding: jax.make_array_from_callback(value.shape, sharding, lambda index: value[index]),
+        host,
+        shardings,
+    )
+
+
+def task_models(task: Any) -> tuple[dict[str, nnx.Module], dict[str, Any]]:
+    """Every module of the task, and what trains in each trainable one (the task's `train_filter`)."""
+    return {**task.frozen, **task.trainable}, dict.fromkeys(task.trainable, task.train_filter)
+
+
 class TrainProgram:
     """What gets compiled, built from abstract shapes alone: optimizer, state shardings, train step, sampler.
 
@@ -119,8 +157,9 @@ class TrainProgram:
     def __init__(self, config: TrainConfig, task: Any, mesh: Mesh, *, batch_size: int, total_steps: int) -> None:
         self.config, self.task, self.mesh = config, task, mesh
         self.batch_size, self.accum = batch_size, config.gradient_accumulation_steps
-        self.trainable_defs, params, self.trainable_rest = _split(task.trainable)
-        self.frozen_defs, frozen, self.frozen_rest = _split(task.frozen)
+        self.graphdefs, params, frozen, self.rest = split_models(*task_models(task))
+        # Modules that train nothing keep their (empty) trained part out of the train state.
+        self.untrained = {name: params.pop(name) for name in list(params) if name not in task.trainable}
         params, frozen = jax.eval_shape(lambda: (params, frozen))
         self.schedule, self.tx = make_optimizer(
             config, total_steps=total_steps, per_device_batch=batch_size // mesh.size, num_devices=mesh.size
@@ -154,10 +193,9 @@ class TrainProgram:
         )(params)
 
     def models(self, params: dict, frozen: dict) -> dict[str, nnx.Module]:
-        """The task's modules holding ``params`` (trained) and ``frozen``."""
-        models = {n: nnx.merge(self.trainable_defs[n], params[n], self.trainable_rest[n]) for n in params}
-        models.update({n: nnx.merge(self.frozen_defs[n], frozen[n], self.frozen_rest[n]) for n in frozen})
-        return models
+        """The task's modules holding ``params`` (trained) and ``frozen`` (every module's frozen weights)."""
+        trained = {**self.untrained, **params}
+        return {n: nnx.merge(self.graphdefs[n], trained[n], frozen[n], self.rest[n]) for n in self.graphdefs}
 
     def eval_models(self, params: dict, frozen: dict) -> dict[str, nnx.Module]:
         """`models` for inference: no gradient checkpointing (nothing to rematerialise, and NNX cannot lift a
@@ -240,9 +278,7 @@ class Trainer(TrainLoop):
         self.task = TASKS[config.task](config)
         for weights_file in self.task.pretrained.values():
             weights_file.state_dict()  # missing weight files fail now, before the data is read or encoded
-        self.frozen = load_pretrained(
-            self.task, self.task.frozen, parallel.state_shardings(_split(self.task.frozen)[1], self.mesh)
-        )
+        self.frozen = load_frozen(self.task, self.mesh)
 
         # Input: each optimizer step consumes `accum` micro-batches, delivered as one batch.
         self.samples_per_step = self.batch_size * self.accum
@@ -264,10 +300,7 @@ class Trainer(TrainLoop):
         resume = resolve_resume(config.resume_from_checkpoint, self.out / "checkpoints")
         if resume is None:
             log.info("starting from the pretrained weights (no checkpoint to resume from)")
-            trainable = {name: nnx.clone(module) for name, module in self.task.trainable.items()}
-            self.state = self.program.init_state(
-                load_pretrained(self.task, trainable, self.program.state_shardings["params"])
-            )
+            self.state = self.program.init_state(initial_params(self.task, self.program.state_shardings["params"]))
             self.start_step = 0
         else:
             path, self.start_step = resume
@@ -374,29 +407,44 @@ class Trainer(TrainLoop):
 
 
 def export_trained(task: Any, params: dict, output_dir: Path, dtype: str, *, write: bool = True) -> None:
-    """Write the task's trained modules, holding ``params``, as a diffusers pipeline at ``output_dir``.
+    """Write the task's trained modules, holding ``params``, at ``output_dir``: a diffusers pipeline, or with LoRA
+    the adapters' ``pytorch_lora_weights.safetensors`` (float32; with --output_kohya_format the kohya file too, with
+    --merge_lora also the pipeline of the merged weights, which needs the task's modules to hold their base weights).
 
     With several processes every one calls it (the parameters are gathered from all hosts) and only the one
     with ``write`` writes."""
+    cfg = task.config
     host_params = parallel.to_host(params)
+    merge = task.lora is not None and cfg.merge_lora
+    base = parallel.to_host({n: nnx.state(m, nnx.Param) for n, m in task.trainable.items()}) if merge else None
     if not write:
         return
     components = {}
     for name, module in task.trainable.items():
         nnx.update(module, host_params[name])
         components[name] = module
-    options = HubOptions.from_config(task.config)
+    if task.lora is not None:
+        save_lora_weights(output_dir, components, task.lora, kohya=cfg.output_kohya_format)
+        if not merge:
+            return
+        for name, module in components.items():
+            nnx.update(module, base[name])
+            merge_lora(module)
+    options = HubOptions.from_config(cfg)
     components.update(task.copied_components)
     export_pipeline(output_dir, base_model=task.model_path, components=components, dtype=dtype, options=options)
 
 
 def export_checkpoint(config: TrainConfig, checkpoint: Path, output_dir: Path, *, use_ema: bool, dtype: str) -> None:
-    """A checkpoint step folder of this backend as a diffusers pipeline at ``output_dir`` (EMA or raw weights);
-    what ``python -m jaxdiff.export`` runs for a run whose config says ``backend: jax``."""
+    """A checkpoint step folder of this backend as a diffusers pipeline (or LoRA file) at ``output_dir`` (EMA or
+    raw weights); what ``python -m jaxdiff.export`` runs for a run whose config says ``backend: jax``."""
     task = TASKS[config.task](config)
-    program = TrainProgram(config, task, parallel.make_mesh(None), batch_size=jax.device_count(), total_steps=1)
+    mesh = parallel.make_mesh(None)
+    program = TrainProgram(config, task, mesh, batch_size=jax.device_count(), total_steps=1)
     with Checkpointer(checkpoint.parent, save_interval_steps=1) as checkpointer:
         state, _ = checkpointer.restore(int(checkpoint.name), program.abstract_state, directory=checkpoint.parent)
+    if task.lora is not None and config.merge_lora:
+        load_frozen(task, mesh)  # the base weights the adapters merge into
     export_trained(task, state["ema_params" if use_ema else "params"], output_dir, dtype)
 
 

@@ -1,7 +1,8 @@
 """Checkpoints of the torch backend in jaxdiff's layout: ``output_dir/checkpoints/<step>/``.
 
 A step folder holds accelerate's ``save_state`` (trained models, optimizer, LR scheduler, RNG states, and the
-objects registered for checkpointing such as the EMA) plus ``data_state_<process_index>.json`` (each process's
+objects registered for checkpointing such as the EMA; with ``trained_only``, as for LoRA, only the models'
+parameters that train) plus ``data_state_<process_index>.json`` (each process's
 data-iterator position). It is written as ``<step>.torch-tmp``, gets ``TORCH_COMMIT_FILE`` last and is then
 renamed into place, so ``jaxdiff.checkpoint.finished_steps`` / ``resolve_resume`` never list or load a
 half-written one.
@@ -12,6 +13,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import torch
 from accelerate import Accelerator
 
 from jaxdiff.checkpoint import TORCH_COMMIT_FILE, finished_steps
@@ -25,14 +27,31 @@ def data_state_file(process_index: int) -> str:
     return f"data_state_{process_index}.json"
 
 
+def keep_trained_weights(models: list[torch.nn.Module], weights: list[dict[str, Any]], output_dir: str) -> None:
+    """accelerate's save-state hook that keeps, of each model's state dict, only the parameters that train (LoRA
+    adapters: a checkpoint of megabytes, not of the whole base model); such a checkpoint loads with strict=False."""
+    for i, model in enumerate(models):
+        trained = {name for name, param in model.named_parameters() if param.requires_grad}
+        weights[i] = {key: value for key, value in weights[i].items() if key in trained}
+
+
 class TorchCheckpointer:
     """Saves every ``save_interval_steps`` (or when forced) and keeps the newest ``max_to_keep``; all processes
     call every method."""
 
     def __init__(
-        self, accelerator: Accelerator, directory: Path, *, save_interval_steps: int, max_to_keep: int | None
+        self,
+        accelerator: Accelerator,
+        directory: Path,
+        *,
+        save_interval_steps: int,
+        max_to_keep: int | None,
+        trained_only: bool = False,
     ):
         self.accelerator = accelerator
+        self.trained_only = trained_only
+        if trained_only:
+            accelerator.register_save_state_pre_hook(keep_trained_weights)
         self.directory = Path(directory)
         self.save_interval_steps = save_interval_steps
         self.max_to_keep = max_to_keep
@@ -82,5 +101,5 @@ class TorchCheckpointer:
                 f"--resume_from_checkpoint: {path} was saved by {saved_processes} processes; resume it with the "
                 f"same number (this run has {self.accelerator.num_processes})"
             )
-        self.accelerator.load_state(str(path))
+        self.accelerator.load_state(str(path), strict=not self.trained_only)
         return json.loads((path / data_state_file(self.accelerator.process_index)).read_text())

@@ -30,6 +30,7 @@ from jaxdiff.metrics import MetricsLogger
 from jaxdiff.optim import scaled_learning_rate
 from jaxdiff.publish import check_hub_access, export_pipeline, push_to_hub
 from torch_backend.checkpoint import TorchCheckpointer
+from torch_backend.lora import merge_lora, save_lora_weights
 from torch_backend.tasks import TASKS
 
 log = logging.getLogger("jaxdiff")
@@ -145,7 +146,7 @@ class Trainer(TrainLoop):
 
         # Optimizer, schedule (diffusers' curves, equal to jaxdiff.optim.lr_schedule) and EMA.
         names = list(self.task.trainable)
-        self.params = [p for m in self.task.trainable.values() for p in m.parameters()]
+        self.params = trained_parameters(self.task)
         optimizer = make_optimizer(config, self.params, num_processes=acc.num_processes)
         lr_scheduler = get_scheduler(
             config.lr_scheduler,
@@ -177,6 +178,7 @@ class Trainer(TrainLoop):
             self.out / "checkpoints",
             save_interval_steps=config.checkpointing_steps,
             max_to_keep=config.checkpoints_total_limit,
+            trained_only=self.task.lora is not None,
         )
         self.is_main, self.start_step = acc.is_main_process, 0
         resume = resolve_resume(config.resume_from_checkpoint, self.out / "checkpoints")
@@ -260,19 +262,12 @@ class Trainer(TrainLoop):
         acc.wait_for_everyone()
 
     def export(self) -> None:
-        """The final diffusers pipeline at output_dir: trained components written, the rest copied through."""
+        """The final export at output_dir (`export_trained`), on the main process."""
         cfg, acc = self.config, self.accelerator
         acc.wait_for_everyone()
         if acc.is_main_process:
             with self.eval_weights() as models:
-                components = {name: models[name] for name in self.trained} | self.task.copied_components
-                export_pipeline(
-                    self.out,
-                    base_model=self.task.model_path,
-                    components=components,
-                    dtype=cfg.export_dtype,
-                    options=HubOptions.from_config(cfg),
-                )
+                export_trained(self.task, {name: models[name] for name in self.trained}, self.out, cfg.export_dtype)
             if cfg.push_to_hub:
                 push_to_hub(self.out, cfg.hub_model_id, token=cfg.hub_token, ignore=run.hub_ignore(cfg))
         acc.wait_for_everyone()
@@ -302,23 +297,44 @@ class Trainer(TrainLoop):
         return stop
 
 
+def trained_parameters(task: Any) -> list[torch.nn.Parameter]:
+    """The parameters the optimizer and EMA update, in a fixed order: every parameter of the task's trainable
+    modules, or with LoRA only their adapters'."""
+    return [p for m in task.trainable.values() for p in m.parameters() if p.requires_grad]
+
+
+def export_trained(task: Any, trained: dict[str, torch.nn.Module], output_dir: Path, dtype: str) -> None:
+    """The trained (unwrapped) modules at ``output_dir``: a diffusers pipeline (trained components written, the
+    rest copied through), or with LoRA the adapters' ``pytorch_lora_weights.safetensors`` (with
+    --output_kohya_format the kohya file too, with --merge_lora also the pipeline of the merged weights; merging
+    leaves the modules merged)."""
+    cfg = task.config
+    if task.lora is not None:
+        save_lora_weights(output_dir, trained, task.lora, kohya=cfg.output_kohya_format)
+        if not cfg.merge_lora:
+            return
+        for module in trained.values():
+            merge_lora(module)
+    components = trained | task.copied_components
+    options = HubOptions.from_config(cfg)
+    export_pipeline(output_dir, base_model=task.model_path, components=components, dtype=dtype, options=options)
+
+
 def export_checkpoint(config: TrainConfig, checkpoint: Path, output_dir: Path, *, use_ema: bool, dtype: str) -> None:
     """A torch-backend checkpoint step folder as a diffusers pipeline at ``output_dir`` (EMA or raw weights);
     what ``python -m jaxdiff.export`` runs for a run whose config says ``backend: torch``."""
     accelerator = Accelerator(cpu=True)
     task = TASKS[config.task](config, accelerator.device)
     modules = [accelerator.prepare_model(m) for m in task.trainable.values()]  # registered in the trainer's order
-    params = [p for m in task.trainable.values() for p in m.parameters()]
+    params = trained_parameters(task)
     ema = EMAModel(params) if config.use_ema else None
     if ema is not None:
         accelerator.register_for_checkpointing(ema)
-    accelerator.load_state(str(checkpoint))
+    accelerator.load_state(str(checkpoint), strict=task.lora is None)  # LoRA checkpoints hold adapters only
     if use_ema:
         ema.copy_to(params)
-    components = {name: accelerator.unwrap_model(m) for name, m in zip(task.trainable, modules, strict=True)}
-    components.update(task.copied_components)
-    options = HubOptions.from_config(config)
-    export_pipeline(output_dir, base_model=task.model_path, components=components, dtype=dtype, options=options)
+    trained = {name: accelerator.unwrap_model(m) for name, m in zip(task.trainable, modules, strict=True)}
+    export_trained(task, trained, output_dir, dtype)
 
 
 def train(config: TrainConfig) -> None:

@@ -1,103 +1,119 @@
-"""LoRA adapters on a model's Linear layers, and diffusers' LoRA weights file (peft format).
+"""LoRA adapters on a model's Linear layers, and their diffusers LoRA weights file (``jaxdiff.adapters``).
 
-Layers are chosen as peft chooses them: a target matches the module whose diffusers name equals it or ends
-with ``"." + target`` (``to_q`` matches every attention's query projection, ``attn1.to_q`` only
-self-attention's). The file holds ``<prefix>.<module>.lora_A.weight`` (rank, in) and ``.lora_B.weight``
-(out, rank) per adapted layer, and in its ``lora_adapter_metadata`` the peft config of each prefix (rank,
-alpha, targets): without it diffusers would assume alpha = rank.
+Layers are chosen as peft chooses them (``adapters.matches``): ``to_q`` matches every attention's query
+projection, ``attn1.to_q`` only self-attention's. Adapters are float32 ``nn.LoRAParam`` variables whatever the
+base weights' dtype, and start from ``adapters.initial_lora_a`` (keyed by the run's seed and the module's file key,
+so the torch backend starts from the same numbers) and a zero ``up``.
 """
 
-import json
-from collections.abc import Mapping, Sequence
+import logging
+import zlib
+from collections.abc import Mapping
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from safetensors.numpy import save
 
-from jaxdiff.files import atomic_write_bytes
-from jaxdiff.models.nn import Linear, LoRA
+from jaxdiff.adapters import LoRASettings, initial_lora_a, matches, save_lora_file
+from jaxdiff.models.nn import Linear, LoRA, LoRAParam
 
-#: diffusers' LoRA scripts' targets for the UNet and for the CLIP text encoders.
-UNET_TARGETS: tuple[str, ...] = ("to_k", "to_q", "to_v", "to_out.0")
-TEXT_ENCODER_TARGETS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "out_proj")
-LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
-METADATA_KEY = "lora_adapter_metadata"
+log = logging.getLogger("jaxdiff")
 
 
-def _adaptable(model: nnx.Module) -> list[tuple[str, Linear]]:
-    """(torch module name, layer) of every Linear; a model whose torch twin is one of its submodules
-    (``torch_module_root``) names layers from there."""
-    root = getattr(type(model), "torch_module_root", "")
-    layers = []
-    for path, module in nnx.iter_modules(model):
-        if isinstance(module, Linear):
-            name = ".".join(map(str, path))
-            layers.append((name.removeprefix(f"{root}.") if root else name, module))
-    return layers
+def _root(model: nnx.Module) -> str:
+    """Where the torch twin's module names start: a model whose torch class is one of its submodules
+    (``torch_module_root``, e.g. CLIP's ``text_model``) names layers from there."""
+    return getattr(type(model), "torch_module_root", "")
 
 
-def matches(name: str, targets: Sequence[str]) -> bool:
-    """Whether the module called ``name`` is one of ``targets`` (peft's rule)."""
-    return any(name == t or name.endswith("." + t) for t in targets)
+def _torch_name(path: tuple, root: str) -> str:
+    name = ".".join(map(str, path))
+    return name.removeprefix(f"{root}.") if root else name
 
 
-def add_lora(model: nnx.Module, targets: Sequence[str], *, rank: int, alpha: float, rngs: nnx.Rngs) -> list[str]:
-    """Adds an adapter (in the layer's parameter dtype) to every Linear of ``model`` that ``targets`` names;
-    returns their names. Raises ValueError when none matches."""
-    if rank < 1:
-        raise ValueError(f"LoRA rank={rank}: must be >= 1")
-    chosen = [(name, layer) for name, layer in _adaptable(model) if matches(name, targets)]
+def _linears(model: nnx.Module) -> list[tuple[str, Linear]]:
+    """(torch module name, layer) of every Linear of ``model``."""
+    root = _root(model)
+    return [(_torch_name(p, root), m) for p, m in nnx.iter_modules(model) if isinstance(m, Linear)]
+
+
+def add_lora(
+    model: nnx.Module, settings: LoRASettings, prefix: str, *, seed: int = 0, abstract: bool = False
+) -> list[str]:
+    """Adds an adapter to every Linear of ``model`` (the file's ``prefix``: ``unet``, ``text_encoder``, ...) that
+    the settings' targets name, starting from `initial_adapters`' values (``abstract``: shapes only, for an
+    abstract model); returns the adapted modules' names. Raises ValueError when no layer matches."""
+    if settings.rank < 1:
+        raise ValueError(f"LoRA rank={settings.rank}: must be >= 1")
+    targets = settings.targets(prefix)
+    chosen = [(name, layer) for name, layer in _linears(model) if matches(name, targets)]
     if not chosen:
-        raise ValueError(f"no Linear layer of {type(model).__name__} matches the LoRA targets {list(targets)}")
-    for _, layer in chosen:
-        layer.lora = LoRA(
-            layer.in_features, layer.out_features, rank=rank, alpha=alpha, dtype=layer.param_dtype, rngs=rngs
+        raise ValueError(
+            f"no Linear layer of {type(model).__name__} ({prefix}) matches the LoRA targets {list(targets)}"
         )
+    unmatched = [t for t in targets if not any(matches(name, (t,)) for name, _ in chosen)]
+    if unmatched:
+        log.info("%s: LoRA targets %s match no layer", prefix, unmatched)
+    for name, layer in chosen:
+        down_shape, up_shape = (layer.in_features, settings.rank), (settings.rank, layer.out_features)
+        if abstract:
+            down, up = jax.ShapeDtypeStruct(down_shape, jnp.float32), jax.ShapeDtypeStruct(up_shape, jnp.float32)
+        else:
+            down = jnp.asarray(initial_lora_a(seed, f"{prefix}.{name}", layer.in_features, settings.rank).T)
+            up = jnp.zeros(up_shape, jnp.float32)
+        stream = zlib.crc32(name.encode()) % 2**31  # each layer's own dropout masks
+        layer.lora = LoRA(down, up, alpha=settings.alpha, dropout=settings.dropout, stream=stream)
     return [name for name, _ in chosen]
+
+
+def initial_adapters(model: nnx.Module, prefix: str, seed: int) -> nnx.State:
+    """``nnx.state(model, LoRAParam)`` holding the adapters' starting values (host arrays): what `add_lora` sets,
+    for a model whose adapters are abstract."""
+    root = _root(model)
+    flat = []
+    for path, variable in nnx.to_flat_state(nnx.state(model, LoRAParam)):
+        shape = variable.get_value().shape
+        if path[-1] == "down":  # (in, rank)
+            value = initial_lora_a(seed, f"{prefix}.{_torch_name(path[:-2], root)}", shape[0], shape[1]).T
+        else:
+            value = np.zeros(shape, np.float32)
+        flat.append((path, variable.replace(np.ascontiguousarray(value))))
+    return nnx.from_flat_state(flat)
 
 
 def lora_state_dict(model: nnx.Module, prefix: str) -> dict[str, np.ndarray]:
     """The adapters of ``model`` under diffusers' peft keys ``<prefix>.<module>.lora_A/B.weight`` (host arrays)."""
     tensors = {}
-    for name, layer in _adaptable(model):
+    for name, layer in _linears(model):
         if layer.lora is not None:
             down, up = jax.device_get((layer.lora.down.get_value(), layer.lora.up.get_value()))
-            tensors[f"{prefix}.{name}.lora_A.weight"] = np.ascontiguousarray(np.asarray(down).T)
-            tensors[f"{prefix}.{name}.lora_B.weight"] = np.ascontiguousarray(np.asarray(up).T)
+            tensors[f"{prefix}.{name}.lora_A.weight"] = np.ascontiguousarray(np.asarray(down, np.float32).T)
+            tensors[f"{prefix}.{name}.lora_B.weight"] = np.ascontiguousarray(np.asarray(up, np.float32).T)
     return tensors
 
 
-def adapter_config(model: nnx.Module) -> dict:
-    """The peft ``LoraConfig`` fields that reproduce ``model``'s adapters (one rank and alpha for all)."""
-    adapters = [(name, layer.lora) for name, layer in _adaptable(model) if layer.lora is not None]
-    settings = {(lora.rank, lora.alpha) for _, lora in adapters}
-    if len(settings) != 1:
-        raise ValueError(f"{type(model).__name__}: expected adapters of one rank and alpha, found {sorted(settings)}")
-    ((rank, alpha),) = settings
-    alpha_value = int(alpha) if float(alpha).is_integer() else alpha
-    return {
-        "r": rank,
-        "lora_alpha": alpha_value,
-        "target_modules": sorted(name for name, _ in adapters),
-        "init_lora_weights": "gaussian",
-        "lora_dropout": 0.0,
-        "bias": "none",
-        "use_dora": False,
-    }
-
-
-def save_lora_weights(folder: Path, models: Mapping[str, nnx.Module]) -> Path:
+def save_lora_weights(
+    folder: Path, models: Mapping[str, nnx.Module], settings: LoRASettings, *, kohya: bool = False
+) -> Path:
     """``folder/pytorch_lora_weights.safetensors`` with every adapter of ``models`` (prefix -> model: ``unet``,
-    ``text_encoder``, ``text_encoder_2``) and their configs in the metadata; written atomically."""
+    ``text_encoder``, ``text_encoder_2``), their configs in the metadata (and with ``kohya`` the kohya file)."""
     tensors: dict[str, np.ndarray] = {}
-    metadata: dict[str, object] = {}
     for prefix, model in models.items():
         tensors.update(lora_state_dict(model, prefix))
-        metadata.update({f"{prefix}.{k}": v for k, v in adapter_config(model).items()})
-    path = Path(folder) / LORA_WEIGHTS_NAME
-    path.parent.mkdir(parents=True, exist_ok=True)
-    header = {"format": "pt", METADATA_KEY: json.dumps(metadata, indent=2, sort_keys=True)}
-    atomic_write_bytes(path, save(tensors, metadata=header))
-    return path
+    return save_lora_file(folder, tensors, settings, kohya=kohya)
+
+
+def merge_lora(model: nnx.Module) -> None:
+    """Folds every adapter into its layer's kernel (in float32, stored in the kernel's dtype) and removes it: the
+    model then computes what it computed adapted, as a plain model."""
+    for _, layer in _linears(model):
+        if layer.lora is None:
+            continue
+        lora = layer.lora
+        down, up = (np.asarray(jax.device_get(v.get_value()), np.float32) for v in (lora.down, lora.up))
+        kernel = np.asarray(jax.device_get(layer.kernel.get_value()))
+        merged = kernel.astype(np.float32) + (down @ up) * (lora.alpha / lora.rank)
+        layer.kernel.set_value(merged.astype(kernel.dtype))
+        layer.lora = None

@@ -5,8 +5,9 @@ Every parameter is created with logical axis names (``in``/``out`` for kernels, 
 never see a mesh. Variables are not sharded eagerly at creation, so models build the same with or without one.
 """
 
-from collections.abc import Sequence
-from typing import Literal
+import contextlib
+from collections.abc import Iterator, Sequence
+from typing import Any, Literal
 
 import flax
 import jax
@@ -40,21 +41,38 @@ class LoRAParam(nnx.Variable):
 
 
 class LoRA(nnx.Module):
-    """The low-rank update ``x @ down @ up * alpha / rank`` of one Linear: peft's ``lora_A`` is ``down``
-    transposed, ``lora_B`` is ``up`` transposed. Initialised as diffusers' LoRA scripts ask peft to ("gaussian":
-    ``lora_A`` ~ N(0, 1 / rank^2), ``lora_B`` = 0), so the adapted model starts equal to the base."""
+    """The low-rank update ``dropout(x) @ down @ up * alpha / rank`` of one Linear: peft's ``lora_A`` is ``down``
+    transposed, ``lora_B`` is ``up`` transposed (``jaxdiff.models.lora.add_lora`` gives them peft's starting
+    values). The inputs are dropped (at ``dropout``) only inside `lora_dropout`, i.e. while training."""
 
-    def __init__(
-        self, in_features: int, out_features: int, *, rank: int, alpha: float, dtype: DTypeLike, rngs: nnx.Rngs
-    ) -> None:
-        self.rank, self.alpha = rank, float(alpha)
-        down = jax.random.normal(rngs.params(), (in_features, rank), dtype) / rank
+    def __init__(self, down: Any, up: Any, *, alpha: float, dropout: float = 0.0, stream: int = 0) -> None:
+        """``down`` (in, rank) and ``up`` (rank, out): arrays, or ``jax.ShapeDtypeStruct`` for an abstract model;
+        ``stream`` tells this layer's dropout masks from the other layers'."""
+        self.rank, self.alpha, self.dropout, self.stream = down.shape[1], float(alpha), float(dropout), stream
         self.down = LoRAParam(down, out_sharding=("in", None))
-        self.up = LoRAParam(jnp.zeros((rank, out_features), dtype), out_sharding=(None, "out"))
+        self.up = LoRAParam(up, out_sharding=(None, "out"))
 
     def __call__(self, rows: jax.Array) -> jax.Array:
+        key = _LORA_DROPOUT_KEYS[-1] if _LORA_DROPOUT_KEYS else None
+        if self.dropout and key is not None:
+            keep = jax.random.bernoulli(jax.random.fold_in(key, self.stream), 1.0 - self.dropout, rows.shape)
+            rows = jnp.where(keep, rows / (1.0 - self.dropout), 0).astype(rows.dtype)
         down, up = self.down.get_value().astype(rows.dtype), self.up.get_value().astype(rows.dtype)
         return (rows @ down) @ up * jnp.asarray(self.alpha / self.rank, rows.dtype)
+
+
+_LORA_DROPOUT_KEYS: list[jax.Array] = []
+
+
+@contextlib.contextmanager
+def lora_dropout(key: jax.Array) -> Iterator[None]:
+    """Inside, LoRA adapters with a dropout rate drop their inputs, with masks drawn from ``key`` (and the layer's
+    ``stream``); outside (validation, export) they never do."""
+    _LORA_DROPOUT_KEYS.append(key)
+    try:
+        yield
+    finally:
+        _LORA_DROPOUT_KEYS.pop()
 
 
 class Linear(nnx.Linear):

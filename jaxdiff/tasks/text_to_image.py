@@ -16,7 +16,7 @@ from flax import nnx
 from transformers import CLIPTokenizer
 
 from jaxdiff import diffusion
-from jaxdiff.config import TrainConfig
+from jaxdiff.config import ConfigError, TrainConfig
 from jaxdiff.data import fingerprint_files
 from jaxdiff.data.fingerprint import hash_json
 from jaxdiff.data.transforms import INPUT_IDS_KEYS, tokenize
@@ -24,6 +24,7 @@ from jaxdiff.hub import HubOptions, resolve_model, resolve_pipeline
 from jaxdiff.models import nn
 from jaxdiff.models.autoencoder_kl import AutoencoderKL
 from jaxdiff.models.clip import CLIPTextModel, CLIPTextModelWithProjection
+from jaxdiff.models.lora import add_lora
 from jaxdiff.models.modeling import PretrainedWeights
 from jaxdiff.models.unet_2d_condition import UNet2DConditionModel
 from jaxdiff.objective import TextToImageRoles
@@ -64,22 +65,36 @@ class TextToImage(TextToImageRoles):
         runtime = {"attention_impl": nn.resolve_attention(config.attention_implementation)}
         log.info("attention implementation: %s", runtime["attention_impl"])
         self.pretrained: dict[str, PretrainedWeights] = {}
+        # Trained weights are float32 (trained text encoders remat with the UNet); frozen ones, LoRA's base weights
+        # included, are stored in the compute dtype; adapters are float32.
+        trained_dtype = compute if self.lora else jnp.float32
         self.unet, self.pretrained["unet"] = UNet2DConditionModel.abstract_from_pretrained(
-            root, "unet", dtype=compute, gradient_checkpointing=config.gradient_checkpointing, **load, **runtime
+            root,
+            "unet",
+            dtype=compute,
+            param_dtype=trained_dtype,
+            gradient_checkpointing=config.gradient_checkpointing,
+            **load,
+            **runtime,
         )
-        # Trained text encoders keep float32 weights (and remat with the UNet); frozen ones the compute dtype.
         train_text = config.train_text_encoder
         for name in self.text_encoder_names:
             module, self.pretrained[name] = self.text_encoder_classes[name].abstract_from_pretrained(
                 root,
                 name,
                 dtype=compute,
-                param_dtype=jnp.float32 if train_text else compute,
+                param_dtype=trained_dtype if train_text else compute,
                 gradient_checkpointing=train_text and config.gradient_checkpointing,
                 **load,
                 **runtime,
             )
             setattr(self, name, module)
+        if self.lora:
+            for name, module in self.trainable.items():
+                try:
+                    add_lora(module, self.lora, name, abstract=True)
+                except ValueError as err:
+                    raise ConfigError(f"--lora_target_modules={list(self.lora.targets(name))}: {err}") from None
         vae_options = options.for_other_repo() if vae_id else options
         vae_folder = resolve_model(vae_id, None, AutoencoderKL.weights_name, vae_options) if vae_id else root / "vae"
         self.vae_folder = vae_folder
@@ -109,6 +124,11 @@ class TextToImage(TextToImageRoles):
     def tokenizers(self) -> tuple[CLIPTokenizer, ...]:
         """The pipeline's tokenizer(s), one per text encoder, read when first needed (compiling a step needs none)."""
         return tuple(CLIPTokenizer.from_pretrained(self.root / folder) for folder in self.tokenizer_folders)
+
+    @property
+    def train_filter(self) -> type[nnx.Variable]:
+        """The variables of the `trainable` modules that train: LoRA adapters, or every parameter."""
+        return nn.LoRAParam if self.lora else nnx.Param
 
     def abstract_batch(self, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
         """Shapes and dtypes of a batch of ``batch_size`` as the data pipeline delivers it (images, token ids and
@@ -146,12 +166,15 @@ class TextToImage(TextToImageRoles):
             noise = diffusion.offset_noise(keys[1], noise, cfg.noise_offset)
         noise_in = diffusion.perturb_noise(keys[2], noise, cfg.input_perturbation) if cfg.input_perturbation else noise
         timesteps = diffusion.sample_timesteps(keys[3], batch_size, self.num_train_timesteps, self.timestep_weights)
-        return {
+        draws = {
             "noise": noise,
             "noise_in": noise_in,
             "timesteps": timesteps,
             "latent_eps": jax.random.normal(keys[4], shape),
         }
+        if self.lora and self.lora.dropout:  # one seed per row; a micro-batch's masks come from its first row's
+            draws["dropout_seed"] = jax.random.randint(jax.random.fold_in(rng, 5), (batch_size,), 0, 2**31 - 1)
+        return draws
 
     def encode_images(self, pixel_values: np.ndarray) -> tuple[jax.Array, jax.Array]:
         """(mean, logvar) of the frozen VAE's latent distribution, for the latent cache."""
@@ -191,7 +214,13 @@ class TextToImage(TextToImageRoles):
         return jax.lax.stop_gradient((mean + std * latent_eps) * vae.config.scaling_factor)
 
     def loss(self, models: Models, batch: Batch, randoms: Batch) -> jax.Array:
-        """Mean (Min-SNR weighted) denoising loss of one micro-batch."""
+        """Mean (Min-SNR weighted) denoising loss of one micro-batch (LoRA adapters drop their inputs in it)."""
+        if "dropout_seed" not in randoms:
+            return self._loss(models, batch, randoms)
+        with nn.lora_dropout(jax.random.PRNGKey(randoms["dropout_seed"][0])):
+            return self._loss(models, batch, randoms)
+
+    def _loss(self, models: Models, batch: Batch, randoms: Batch) -> jax.Array:
         cfg = self.config
         latents = self.latents(models["vae"], batch, randoms["latent_eps"])
         cached = self.text_keys[0] in batch  # the latent cache's text states

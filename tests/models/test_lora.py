@@ -12,20 +12,15 @@ from diffusers import UNet2DConditionModel as TorchUNet2DConditionModel
 from flax import nnx
 from safetensors import safe_open
 
+from jaxdiff.adapters import LORA_WEIGHTS_NAME, UNET_TARGETS, LoRASettings, matches
 from jaxdiff.models.clip import CLIPTextModel
-from jaxdiff.models.lora import (
-    LORA_WEIGHTS_NAME,
-    TEXT_ENCODER_TARGETS,
-    UNET_TARGETS,
-    add_lora,
-    matches,
-    save_lora_weights,
-)
-from jaxdiff.models.nn import LoRAParam
+from jaxdiff.models.lora import add_lora, initial_adapters, save_lora_weights
+from jaxdiff.models.nn import LoRAParam, lora_dropout
 from jaxdiff.models.unet_2d_condition import UNet2DConditionModel
 from tests.models import max_abs_diff
 
 MODEL_TOL = 1e-4
+SETTINGS = LoRASettings(rank=4, alpha=8, dropout=0.0, unet_targets=UNET_TARGETS)  # alpha != rank: scale 2
 
 
 def _randomize_adapters(model: nnx.Module, seed: int) -> None:
@@ -62,7 +57,7 @@ def test_adapters_start_at_the_base_model_and_only_they_are_lora_state(tiny_sd_p
     text = jnp.linspace(-1, 1, 7 * 32).reshape(1, 7, 32)
     before = _unet(unet, sample, t, text)
 
-    names = add_lora(unet, UNET_TARGETS, rank=4, alpha=8, rngs=nnx.Rngs(0))
+    names = add_lora(unet, SETTINGS, "unet", seed=3)
     theirs = TorchUNet2DConditionModel.from_pretrained(tiny_sd_path, subfolder="unet")
     linears = [n for n, m in theirs.named_modules() if isinstance(m, torch.nn.Linear)]
     assert sorted(names) == sorted(n for n in linears if matches(n, UNET_TARGETS))
@@ -76,13 +71,41 @@ def test_adapters_start_at_the_base_model_and_only_they_are_lora_state(tiny_sd_p
     assert abs(downs.std() - 1 / 4) < 0.02  # peft's "gaussian": lora_A ~ N(0, 1/rank^2)
     np.testing.assert_array_equal(_unet(unet, sample, t, text), before)
 
+    # An abstract model's adapters get the same starting values (seed, module) from initial_adapters.
+    abstract, _ = UNet2DConditionModel.abstract_from_pretrained(tiny_sd_path, "unet")
+    add_lora(abstract, SETTINGS, "unet", abstract=True)
+    assert all(isinstance(v, jax.ShapeDtypeStruct) for v in jax.tree.leaves(nnx.state(abstract, LoRAParam)))
+    started = nnx.to_flat_state(initial_adapters(abstract, "unet", seed=3))
+    assert [p for p, _ in started] == [p for p, _ in nnx.to_flat_state(adapters)]
+    for (_, ours), (_, theirs) in zip(started, nnx.to_flat_state(adapters), strict=True):
+        np.testing.assert_array_equal(ours.get_value(), theirs.get_value())
+
+
+def test_dropout_acts_only_inside_its_context(tiny_sd_path):
+    unet = UNet2DConditionModel.from_pretrained(tiny_sd_path, subfolder="unet")
+    add_lora(unet, LoRASettings(rank=4, alpha=4, dropout=0.5, unet_targets=UNET_TARGETS), "unet")
+    _randomize_adapters(unet, 0)
+    sample, t = jnp.ones((1, 4, 8, 8)), jnp.array([10])
+    text = jnp.linspace(-1, 1, 7 * 32).reshape(1, 7, 32)
+    plain = _unet(unet, sample, t, text)
+
+    @nnx.jit
+    def dropped(model, key):
+        with lora_dropout(key):
+            return model(sample, t, text).sample
+
+    first, again, other = (dropped(unet, jax.random.PRNGKey(k)) for k in (0, 0, 1))
+    np.testing.assert_array_equal(first, again)  # the masks follow the key
+    assert max_abs_diff(first, plain) > 1e-3 and max_abs_diff(first, other) > 1e-3
+    np.testing.assert_array_equal(_unet(unet, sample, t, text), plain)  # outside the context: no dropout
+
 
 def test_bad_targets_and_rank_are_refused(tiny_sd_path):
     unet = UNet2DConditionModel.from_pretrained(tiny_sd_path, subfolder="unet")
-    with pytest.raises(ValueError, match=r"no Linear layer of UNet2DConditionModel matches the LoRA targets \['q'\]"):
-        add_lora(unet, ["q"], rank=4, alpha=4, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match=r"no Linear layer of UNet2DConditionModel \(unet\) matches .* \['q'\]"):
+        add_lora(unet, LoRASettings(rank=4, alpha=4, dropout=0.0, unet_targets=("q",)), "unet")
     with pytest.raises(ValueError, match="rank=0: must be >= 1"):
-        add_lora(unet, UNET_TARGETS, rank=0, alpha=4, rngs=nnx.Rngs(0))
+        add_lora(unet, LoRASettings(rank=0, alpha=4, dropout=0.0, unet_targets=UNET_TARGETS), "unet")
 
 
 def test_diffusers_loads_our_lora_file_and_matches_our_adapted_models(tiny_sd_path, tmp_path):
@@ -90,11 +113,11 @@ def test_diffusers_loads_our_lora_file_and_matches_our_adapted_models(tiny_sd_pa
 
     unet = UNet2DConditionModel.from_pretrained(tiny_sd_path, subfolder="unet")
     text_encoder = CLIPTextModel.from_pretrained(tiny_sd_path, subfolder="text_encoder")
-    add_lora(unet, UNET_TARGETS, rank=4, alpha=8, rngs=nnx.Rngs(0))  # alpha != rank: scale 2
-    add_lora(text_encoder, TEXT_ENCODER_TARGETS, rank=2, alpha=1, rngs=nnx.Rngs(1))  # scale 0.5
+    add_lora(unet, SETTINGS, "unet")
+    add_lora(text_encoder, SETTINGS, "text_encoder")
     _randomize_adapters(unet, 0)
     _randomize_adapters(text_encoder, 1)
-    path = save_lora_weights(tmp_path, {"unet": unet, "text_encoder": text_encoder})
+    path = save_lora_weights(tmp_path, {"unet": unet, "text_encoder": text_encoder}, SETTINGS)
     assert path == tmp_path / LORA_WEIGHTS_NAME
 
     with safe_open(path, "np") as f:
@@ -104,7 +127,7 @@ def test_diffusers_loads_our_lora_file_and_matches_our_adapted_models(tiny_sd_pa
     assert "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight" in keys
     assert "text_encoder.encoder.layers.0.self_attn.q_proj.lora_B.weight"  # transformers 5 names in keys
     assert (metadata["unet.r"], metadata["unet.lora_alpha"]) == (4, 8)
-    assert (metadata["text_encoder.r"], metadata["text_encoder.lora_alpha"]) == (2, 1)
+    assert (metadata["text_encoder.r"], metadata["text_encoder.lora_alpha"]) == (4, 8)
 
     pipe = StableDiffusionPipeline.from_pretrained(tiny_sd_path, safety_checker=None)
     pipe.load_lora_weights(tmp_path)

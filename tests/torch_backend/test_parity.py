@@ -40,6 +40,8 @@ def config(model, data, out, backend, **extra):
         ("snr_gamma", {"snr_gamma": 5.0}),
         ("noise_offset", {"noise_offset": 0.1}),
         ("v_prediction", {}),
+        ("lora", {"lora_rank": 4, "lora_alpha": 8, "learning_rate": 5e-2}),
+        ("lora_text_encoder", {"lora_rank": 4, "train_text_encoder": True, "learning_rate": 5e-2}),
     ],
 )
 def test_losses_match_across_backends(case, extra, request, tmp_path, shapes_dataset):

@@ -21,12 +21,13 @@ from diffusers import (
 )
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from jaxdiff.config import TrainConfig
+from jaxdiff.config import ConfigError, TrainConfig
 from jaxdiff.data import fingerprint_files
 from jaxdiff.data.fingerprint import hash_json
 from jaxdiff.hub import HubOptions, ModelFilesNotFoundError, resolve_model, resolve_pipeline
 from jaxdiff.objective import TextToImageRoles
 from torch_backend.diffusion import snr_weighted_loss, training_target
+from torch_backend.lora import add_lora
 
 #: Dtype of the frozen models (and of autocast) per --mixed_precision; trained weights stay float32.
 WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -89,24 +90,30 @@ class TextToImage(TextToImageRoles):
             setattr(self, name, encoder)
         self.vae = load_pretrained(AutoencoderKL, self.vae_folder, **_weights(vae_options))
 
-        # Trained weights in float32; frozen ones in the compute dtype, except a VAE marked force_upcast (as in
-        # the JAX task, which keeps such a VAE, e.g. SDXL's, in float32 whatever the training precision).
+        # Trained weights in float32; frozen ones (with LoRA the adapted modules' base weights too) in the compute
+        # dtype, except a VAE marked force_upcast (as in the JAX task, which keeps such a VAE, e.g. SDXL's, in
+        # float32 whatever the training precision); LoRA adapters in float32.
         self.vae_dtype = torch.float32 if getattr(self.vae.config, "force_upcast", True) else weight_dtype
         self.vae.requires_grad_(False).to(device)
         if self.vae_dtype != torch.float32:
             self.vae.to(dtype=self.vae_dtype)
-        self.unet.to(device).train()
+        for name, module in {"unet": self.unet, **self._text_encoders}.items():
+            module.to(device)
+            if name not in self.trainable or self.lora:
+                module.requires_grad_(False)
+                if weight_dtype != torch.float32:
+                    module.to(dtype=weight_dtype)
+        if self.lora:
+            for name, module in self.trainable.items():
+                try:
+                    add_lora(module, self.lora, name, seed=config.seed)
+                except ValueError as err:
+                    raise ConfigError(f"--lora_target_modules={list(self.lora.targets(name))}: {err}") from None
+        for module in self.trainable.values():
+            module.train()
         if config.gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
-        for encoder in self._text_encoders.values():
-            encoder.to(device)
-            if not train_text:
-                encoder.requires_grad_(False)
-                if weight_dtype != torch.float32:
-                    encoder.to(dtype=weight_dtype)
-                continue
-            encoder.train()
-            if config.gradient_checkpointing:
+            for encoder in self._text_encoders.values() if train_text else ():
                 # activation_checkpointing_enable replaces the deprecated name in later transformers 5 releases.
                 enable = getattr(encoder, "activation_checkpointing_enable", None)
                 (enable or encoder.gradient_checkpointing_enable)()
