@@ -520,7 +520,7 @@ def forward_jaxpr(program: Any, batch: dict) -> jcore.ClosedJaxpr:
     randoms = jax.eval_shape(lambda rng: task.draw(rng, batch_size), state["rng"])
 
     def forward(params: Any, frozen: Any, batch: dict, randoms: dict) -> Any:
-        return task.loss(program.models(params, frozen), batch, randoms)
+        return task.loss(program.models(params, frozen), batch, randoms)[0]
 
     return jax.make_jaxpr(forward)(state["params"], program.abstract_frozen, batch, randoms)
 

@@ -9,13 +9,13 @@ import math
 import re
 import time
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from jaxdiff.config import ConfigError, TrainConfig
 from jaxdiff.data import LatentCache, SourceSpec, TransformSpec, build_latent_cache
 from jaxdiff.metrics import MetricsLogger, ProgressBar, check_finite_loss
+from jaxdiff.tasks.base import Task
 
 log = logging.getLogger("jaxdiff")
 
@@ -69,7 +69,7 @@ def should_validate_final(config: TrainConfig, step: int, last_validated: int | 
 
 
 def open_latent_cache(
-    config: TrainConfig, task: Any, source: SourceSpec, transform: TransformSpec, batch_size: int
+    config: TrainConfig, task: Task, source: SourceSpec, transform: TransformSpec, batch_size: int
 ) -> LatentCache | None:
     """With --cache_latents, the task's cache of VAE latents and text states (encoded now unless on disk)."""
     if not config.cache_latents:

@@ -25,6 +25,7 @@ from jaxdiff.metrics import MetricsLogger
 from jaxdiff.models.lora import initial_adapters, merge_lora, save_lora_weights
 from jaxdiff.publish import check_hub_access, export_pipeline, push_to_hub
 from jaxdiff.tasks import TASKS
+from jaxdiff.tasks.base import JaxTask
 
 log = logging.getLogger("jaxdiff")
 
@@ -104,7 +105,7 @@ def train_state_shardings(tx: optax.GradientTransformation, params: Any, mesh: M
     return shardings
 
 
-def load_pretrained(task: Any, models: dict[str, nnx.Module], shardings: dict) -> dict[str, nnx.State]:
+def load_pretrained(task: JaxTask, models: dict[str, nnx.Module], shardings: dict) -> dict[str, nnx.State]:
     """Fills the (abstract) ``models`` in place with the task's pretrained weights, each tensor read from its
     file straight into its sharded device array; returns their parameters."""
     for name, module in models.items():
@@ -112,12 +113,12 @@ def load_pretrained(task: Any, models: dict[str, nnx.Module], shardings: dict) -
     return {name: nnx.state(module, nnx.Param) for name, module in models.items()}
 
 
-def _trains_weights(task: Any, name: str) -> bool:
+def _trains_weights(task: JaxTask, name: str) -> bool:
     """Whether module ``name``'s pretrained parameters are trained (full fine-tuning), not frozen."""
     return name in task.trainable and task.train_filter is nnx.Param
 
 
-def load_frozen(task: Any, mesh: Mesh) -> dict[str, nnx.State]:
+def load_frozen(task: JaxTask, mesh: Mesh) -> dict[str, nnx.State]:
     """Every module's frozen weights (frozen modules', and with LoRA the adapted modules' base weights), read into
     the task's modules straight into their sharded arrays: the train step's ``frozen`` argument."""
     models, trained = task_models(task)
@@ -127,7 +128,7 @@ def load_frozen(task: Any, mesh: Mesh) -> dict[str, nnx.State]:
     return split_models(models, trained)[2]
 
 
-def initial_params(task: Any, shardings: dict) -> dict:
+def initial_params(task: JaxTask, shardings: dict) -> dict:
     """The trained state a run starts from, placed by ``shardings``: the pretrained weights of the trainable
     modules (read into copies, so the task's modules stay abstract), or with LoRA their adapters' starting values."""
     if task.train_filter is nnx.Param:
@@ -141,7 +142,7 @@ def initial_params(task: Any, shardings: dict) -> dict:
     )
 
 
-def task_models(task: Any) -> tuple[dict[str, nnx.Module], dict[str, Any]]:
+def task_models(task: JaxTask) -> tuple[dict[str, nnx.Module], dict[str, Any]]:
     """Every module of the task, and what trains in each trainable one (the task's `train_filter`)."""
     return {**task.frozen, **task.trainable}, dict.fromkeys(task.trainable, task.train_filter)
 
@@ -154,7 +155,7 @@ class TrainProgram:
     step without any weights (``benchmarks/tpu_compile.py`` does so for TPU topologies).
     """
 
-    def __init__(self, config: TrainConfig, task: Any, mesh: Mesh, *, batch_size: int, total_steps: int) -> None:
+    def __init__(self, config: TrainConfig, task: JaxTask, mesh: Mesh, *, batch_size: int, total_steps: int) -> None:
         self.config, self.task, self.mesh = config, task, mesh
         self.batch_size, self.accum = batch_size, config.gradient_accumulation_steps
         self.graphdefs, params, frozen, self.rest = split_models(*task_models(task))
@@ -220,14 +221,15 @@ class TrainProgram:
             if jax.process_count() > 1:  # draws follow global positions, as on one process
                 randoms = jax.tree.map(lambda x: x[run.host_major_positions(rows, jax.process_count())], randoms)
 
-        def loss_and_grad(params: dict, micro: tuple[dict, dict]) -> tuple[jax.Array, dict]:
+        def loss_and_grad(params: dict, micro: tuple[dict, dict]) -> tuple[dict, dict]:
             micro_batch, micro_randoms = micro
-            return jax.value_and_grad(lambda p: self.task.loss(self.models(p, frozen), micro_batch, micro_randoms))(
-                params
-            )
+            (loss, metrics), grads = jax.value_and_grad(
+                lambda p: self.task.loss(self.models(p, frozen), micro_batch, micro_randoms), has_aux=True
+            )(params)
+            return {**metrics, "loss": loss}, grads
 
         micro = optim.split_micro_batches((batch, randoms), self.accum)
-        loss, grads = optim.accumulate_gradients(loss_and_grad, state["params"], micro)
+        values, grads = optim.accumulate_gradients(loss_and_grad, state["params"], micro)
         updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
         new = dict(state, params=optax.apply_updates(state["params"], updates), opt_state=opt_state, step=step + 1)
         if cfg.use_ema:
@@ -239,7 +241,7 @@ class TrainProgram:
                 power=cfg.ema_power,
             )
             new["ema_params"] = optim.ema_update(state["ema_params"], new["params"], decay)
-        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "lr": self.schedule(step)}
+        metrics = {**values, "grad_norm": optax.global_norm(grads), "lr": self.schedule(step)}
         return new, metrics
 
 
@@ -406,7 +408,7 @@ class Trainer(TrainLoop):
         return decision
 
 
-def export_trained(task: Any, params: dict, output_dir: Path, dtype: str, *, write: bool = True) -> None:
+def export_trained(task: JaxTask, params: dict, output_dir: Path, dtype: str, *, write: bool = True) -> None:
     """Write the task's trained modules, holding ``params``, at ``output_dir``: a diffusers pipeline, or with LoRA
     the adapters' ``pytorch_lora_weights.safetensors`` (float32; with --output_kohya_format the kohya file too, with
     --merge_lora also the pipeline of the merged weights, which needs the task's modules to hold their base weights).

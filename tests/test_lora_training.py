@@ -81,29 +81,36 @@ def test_lora_export_loads_in_diffusers_and_only_adapters_train(tmp_path, tiny_s
     assert not (out / "unet").exists()  # the export is the LoRA file, no pipeline
 
     # The file holds only adapters, with rank and alpha in its metadata.
+    inputs, ours_unet, ours_text = _outputs_of(trainer)
+    check_lora_export(out, tiny_sd_path, inputs, ours_unet, ours_text)
+
+
+def check_lora_export(out, model, inputs, ours_unet, ours_text):
+    """The LoRA files at ``out`` hold only adapters (UNet and text encoder, rank 4 alpha 8 in the metadata), and
+    diffusers' ``load_lora_weights`` of each into ``model`` computes the trainer's adapted UNet and text encoder
+    outputs on ``inputs``."""
     with safe_open(out / LORA_WEIGHTS_NAME, "np") as f:
         keys, meta = list(f.keys()), json.loads(f.metadata()[METADATA_KEY])
     assert keys and all(k.endswith((".lora_A.weight", ".lora_B.weight")) for k in keys)
     assert {k.split(".")[0] for k in keys} == {"unet", "text_encoder"}
     assert (meta["unet.r"], meta["unet.lora_alpha"], meta["text_encoder.lora_alpha"]) == (4, 8, 8)
-
-    inputs, ours_unet, ours_text = _outputs_of(trainer)
     for weight_name in (LORA_WEIGHTS_NAME, KOHYA_WEIGHTS_NAME):
-        pipe = StableDiffusionPipeline.from_pretrained(tiny_sd_path, safety_checker=None)
+        pipe = StableDiffusionPipeline.from_pretrained(model, safety_checker=None)
         pipe.load_lora_weights(out, weight_name=weight_name)
         theirs_unet, theirs_text = _diffusers_outputs(pipe.unet, pipe.text_encoder, inputs)
         base_unet, _ = _diffusers_outputs(
-            UNet2DConditionModel.from_pretrained(tiny_sd_path, subfolder="unet"), pipe.text_encoder, inputs
+            UNet2DConditionModel.from_pretrained(model, subfolder="unet"), pipe.text_encoder, inputs
         )
         assert max_abs_diff(base_unet, theirs_unet) > 100 * TOL, weight_name  # the adapters trained
         assert max_abs_diff(ours_unet, theirs_unet) <= TOL, weight_name
         assert max_abs_diff(ours_text, theirs_text) <= TOL, weight_name
 
 
-def test_merged_export_resume_and_export_cli(tmp_path, tiny_sd_path, shapes_dataset):
-    """--merge_lora exports a pipeline computing the adapted UNet; a resumed run ends with the straight run's
-    adapters; `python -m jaxdiff.export` of a checkpoint writes the same LoRA file."""
-    flags = (*LORA, "--merge_lora", "--checkpointing_steps", "2")
+@pytest.mark.parametrize("backend", ["jax", "torch"])
+def test_merged_export_resume_and_export_cli(backend, tmp_path, tiny_sd_path, shapes_dataset):
+    """--merge_lora exports a plain pipeline computing the adapted UNet; a resumed run ends with the straight run's
+    adapters; `python -m jaxdiff.export` of a checkpoint writes the same LoRA file and merged pipeline."""
+    flags = ("--backend", backend, *LORA, "--merge_lora", "--checkpointing_steps", "2")
     straight, resumed = straight_and_resumed(tmp_path, tiny_sd_path, shapes_dataset, *flags)
     np.testing.assert_allclose([r["loss"] for r in metrics(resumed)], [r["loss"] for r in metrics(straight)])
     ours, theirs = load_file(straight / LORA_WEIGHTS_NAME), load_file(resumed / LORA_WEIGHTS_NAME)
@@ -116,11 +123,14 @@ def test_merged_export_resume_and_export_cli(tmp_path, tiny_sd_path, shapes_data
     adapted, _ = _diffusers_outputs(pipe.unet, pipe.text_encoder, inputs)
     merged_out, _ = _diffusers_outputs(merged, pipe.text_encoder, inputs)
     assert max_abs_diff(adapted, merged_out) <= TOL
+    assert not any("lora" in k for k in load_file(straight / "unet" / "diffusion_pytorch_model.safetensors"))
 
     exported = tmp_path / "exported"
     export_main(["--checkpoint", str(straight / "checkpoints" / "4"), "--output_dir", str(exported)])
     again = load_file(exported / LORA_WEIGHTS_NAME)
     assert sorted(again) == sorted(ours) and all(np.array_equal(again[k], ours[k]) for k in ours)
+    merged_again = UNet2DConditionModel.from_pretrained(exported, subfolder="unet")
+    assert all(torch.equal(a, b) for a, b in zip(merged.parameters(), merged_again.parameters(), strict=True))
 
 
 def test_dropout_trains_and_validation_is_deterministic(tmp_path, tiny_sd_path, shapes_dataset):

@@ -31,7 +31,7 @@ from jaxdiff.optim import scaled_learning_rate
 from jaxdiff.publish import check_hub_access, export_pipeline, push_to_hub
 from torch_backend.checkpoint import TorchCheckpointer
 from torch_backend.lora import merge_lora, save_lora_weights
-from torch_backend.tasks import TASKS
+from torch_backend.tasks import TASKS, TorchTask
 
 log = logging.getLogger("jaxdiff")
 
@@ -212,7 +212,7 @@ class Trainer(TrainLoop):
         """
         acc, cfg = self.accelerator, self.config
         lr = self.lr_scheduler.get_last_lr()[0]
-        total = torch.zeros((), device=acc.device)
+        sums: dict[str, torch.Tensor] = {}
         for i in range(self.accum):
             micro_batch = {k: v[i :: self.accum] for k, v in batch.items()}
             micro_randoms = {k: v[i :: self.accum] for k, v in randoms.items()}
@@ -220,16 +220,18 @@ class Trainer(TrainLoop):
                 if i < self.accum - 1:
                     for module in self.trained.values():
                         stack.enter_context(acc.no_sync(module))
-                loss = self.task.loss(self.models, micro_batch, micro_randoms)
+                loss, metrics = self.task.loss(self.models, micro_batch, micro_randoms)
                 acc.backward(loss / self.accum)
-            total += loss.detach().float()
+            for name, value in {**metrics, "loss": loss}.items():
+                sums[name] = sums.get(name, 0) + value.detach().float()
         grad_norm = acc.clip_grad_norm_(self.params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf)
         self.optimizer.step()
         self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         if self.ema is not None:
             self.ema.step(self.params)
-        return {"loss": total / self.accum, "grad_norm": grad_norm.detach().float(), "lr": lr}
+        means = {name: total / self.accum for name, total in sums.items()}
+        return {**means, "grad_norm": grad_norm.detach().float(), "lr": lr}
 
     # ---- validation and export ---------------------------------------------------------------------------
 
@@ -278,12 +280,16 @@ class Trainer(TrainLoop):
         return self.train_step(*self.inputs(step))
 
     def fetch_metrics(self, pending: Pending) -> list[tuple[int, dict[str, float]]]:
-        losses = self.accelerator.reduce(torch.stack([m["loss"] for _, m in pending]), reduction="mean")
-        grad_norms = torch.stack([m["grad_norm"] for _, m in pending])
-        fetched = torch.stack([losses, grad_norms]).cpu().tolist()
+        # The loss and the task's metrics are each process's means: averaged over processes. The gradient norm
+        # (of the synchronised gradients) and the LR are the same on every process.
+        names = [name for name in pending[0][1] if name not in ("grad_norm", "lr")]
+        means = torch.stack([torch.stack([metrics[name] for name in names]) for _, metrics in pending])
+        means = self.accelerator.reduce(means, reduction="mean")
+        grad_norms = torch.stack([metrics["grad_norm"] for _, metrics in pending])
+        rows = torch.cat([means, grad_norms[:, None]], dim=1).cpu().tolist()  # one device sync
         return [
-            (step, {"loss": loss, "grad_norm": grad_norm, "lr": metrics["lr"]})
-            for (step, metrics), loss, grad_norm in zip(pending, *fetched, strict=True)
+            (step, {**dict(zip(names, row[:-1], strict=True)), "grad_norm": row[-1], "lr": metrics["lr"]})
+            for (step, metrics), row in zip(pending, rows, strict=True)
         ]
 
     def save_checkpoint(self, step: int, *, force: bool = False) -> None:
@@ -297,13 +303,13 @@ class Trainer(TrainLoop):
         return stop
 
 
-def trained_parameters(task: Any) -> list[torch.nn.Parameter]:
+def trained_parameters(task: TorchTask) -> list[torch.nn.Parameter]:
     """The parameters the optimizer and EMA update, in a fixed order: every parameter of the task's trainable
     modules, or with LoRA only their adapters'."""
     return [p for m in task.trainable.values() for p in m.parameters() if p.requires_grad]
 
 
-def export_trained(task: Any, trained: dict[str, torch.nn.Module], output_dir: Path, dtype: str) -> None:
+def export_trained(task: TorchTask, trained: dict[str, torch.nn.Module], output_dir: Path, dtype: str) -> None:
     """The trained (unwrapped) modules at ``output_dir``: a diffusers pipeline (trained components written, the
     rest copied through), or with LoRA the adapters' ``pytorch_lora_weights.safetensors`` (with
     --output_kohya_format the kohya file too, with --merge_lora also the pipeline of the merged weights; merging

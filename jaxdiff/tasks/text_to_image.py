@@ -213,12 +213,13 @@ class TextToImage(TextToImageRoles):
         mean, std = mean.astype(jnp.float32), jnp.exp(0.5 * logvar.astype(jnp.float32))
         return jax.lax.stop_gradient((mean + std * latent_eps) * vae.config.scaling_factor)
 
-    def loss(self, models: Models, batch: Batch, randoms: Batch) -> jax.Array:
-        """Mean (Min-SNR weighted) denoising loss of one micro-batch (LoRA adapters drop their inputs in it)."""
+    def loss(self, models: Models, batch: Batch, randoms: Batch) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """Mean (Min-SNR weighted) denoising loss of one micro-batch (LoRA adapters drop their inputs in it), and
+        no further metrics."""
         if "dropout_seed" not in randoms:
-            return self._loss(models, batch, randoms)
+            return self._loss(models, batch, randoms), {}
         with nn.lora_dropout(jax.random.PRNGKey(randoms["dropout_seed"][0])):
-            return self._loss(models, batch, randoms)
+            return self._loss(models, batch, randoms), {}
 
     def _loss(self, models: Models, batch: Batch, randoms: Batch) -> jax.Array:
         cfg = self.config

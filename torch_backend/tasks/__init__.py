@@ -1,6 +1,24 @@
-"""Training tasks of the torch backend, by the name `--task` uses."""
+"""Training tasks of the torch backend, by the name `--task` uses: jaxdiff.tasks.base's `Task` with torch modules
+and tensors, plus their sampler (`TorchTask`)."""
 
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from jaxdiff.tasks.base import Task
 from torch_backend.tasks.sdxl import SDXL
 from torch_backend.tasks.text_to_image import TextToImage
 
-TASKS = {"text_to_image": TextToImage, "sdxl": SDXL}
+
+class TorchTask(Task, Protocol):
+    """A task of the torch backend: diffusers / transformers modules, loaded and placed on the device."""
+
+    def sample(
+        self, models: dict[str, torch.nn.Module], prompt: str, num_images: int, generator: torch.Generator
+    ) -> np.ndarray:
+        """Validation images (N, H, W, 3) in [0, 1] for one prompt, with the in-memory (unwrapped) models."""
+        ...
+
+
+TASKS: dict[str, type[TorchTask]] = {"text_to_image": TextToImage, "sdxl": SDXL}

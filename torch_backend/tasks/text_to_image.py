@@ -183,8 +183,8 @@ class TextToImage(TextToImageRoles):
             mean, std = mean.float(), torch.exp(0.5 * logvar.float())
             return (mean + std * latent_eps) * vae.config.scaling_factor
 
-    def loss(self, models: Models, batch: Batch, randoms: Batch) -> torch.Tensor:
-        """Mean (Min-SNR weighted) denoising loss of one micro-batch."""
+    def loss(self, models: Models, batch: Batch, randoms: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Mean (Min-SNR weighted) denoising loss of one micro-batch, and no further metrics."""
         cfg = self.config
         latents = self.latents(models["vae"], batch, randoms["latent_eps"])
         if self.text_keys[0] in batch:  # the latent cache's text states
@@ -196,7 +196,7 @@ class TextToImage(TextToImageRoles):
         noisy = self.scheduler.add_noise(latents, randoms["noise_in"], timesteps)
         target = training_target(self.scheduler, latents, randoms["noise"], timesteps)
         prediction = models["unet"](noisy, timesteps, **self.unet_conditioning(text, batch), return_dict=False)[0]
-        return snr_weighted_loss(
+        loss = snr_weighted_loss(
             self.scheduler,
             prediction,
             target,
@@ -205,6 +205,7 @@ class TextToImage(TextToImageRoles):
             huber_c=cfg.huber_c,
             snr_gamma=cfg.snr_gamma,
         )
+        return loss, {}
 
     def sampling_pipeline(self, models: Models) -> DiffusionPipeline:
         """diffusers' StableDiffusionPipeline of the in-memory (unwrapped) models, with a DDIM scheduler."""

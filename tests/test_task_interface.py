@@ -1,0 +1,78 @@
+"""Every registered task of both backends provides every member of the task interface (jaxdiff.tasks.base), in
+full fine-tuning and with LoRA."""
+
+import inspect
+from typing import Protocol
+
+import pytest
+import torch
+
+from jaxdiff import cli
+from jaxdiff.tasks import TASKS
+from jaxdiff.tasks.base import JaxTask, Task
+from tests.test_trainer import metrics, train
+from torch_backend.tasks import TASKS as TORCH_TASKS
+from torch_backend.tasks import TorchTask
+
+
+def members(protocol: type) -> set[str]:
+    """The names a protocol declares: its own and its protocol bases' annotations, methods and properties."""
+    names: set[str] = set()
+    for cls in protocol.__mro__:
+        if cls in (Protocol, object) or not getattr(cls, "_is_protocol", False):
+            continue
+        names.update(inspect.get_annotations(cls))
+        for attr, value in vars(cls).items():
+            if not attr.startswith("_") and (inspect.isfunction(value) or isinstance(value, property)):
+                names.add(attr)
+    return names
+
+
+def test_the_protocols_declare_the_interface():
+    assert {"trainable", "frozen", "lora", "draw", "draw_host", "loss", "copied_components"} <= members(Task)
+    assert members(Task) < members(JaxTask) and members(Task) < members(TorchTask)
+    assert {"train_filter", "pretrained", "abstract_batch", "sample"} <= members(JaxTask)
+
+
+@pytest.mark.parametrize("backend", ["jax", "torch"])
+@pytest.mark.parametrize("name", ["text_to_image", "sdxl"])
+@pytest.mark.parametrize("lora", [False, True])
+def test_every_task_fits_the_interface(backend, name, lora, request, tmp_path, shapes_dataset):
+    model = request.getfixturevalue("tiny_sdxl_path" if name == "sdxl" else "tiny_sd_path")
+    values = {
+        "backend": backend,
+        "task": name,
+        "pretrained_model_name_or_path": str(model),
+        "train_data_dir": str(shapes_dataset),
+        "output_dir": str(tmp_path / "unused"),
+        "resolution": 32,
+        "seed": 0,
+        **({"lora_rank": 4} if lora else {}),
+    }
+    config = cli.resolve(cli.validate(values))
+    if backend == "jax":
+        task, protocol = TASKS[name](config), JaxTask
+    else:
+        task, protocol = TORCH_TASKS[name](config, torch.device("cpu")), TorchTask
+    missing = sorted(m for m in members(protocol) if not hasattr(task, m))
+    assert not missing, f"{type(task).__name__} lacks {missing}"
+    assert task.name == name and task.config is config
+    assert (task.lora is not None) == lora and set(task.trainable) == {"unet"}
+
+
+@pytest.mark.parametrize("backend", ["jax", "torch"])
+def test_the_metrics_a_loss_returns_are_logged(backend, monkeypatch, tmp_path, tiny_sd_path, shapes_dataset):
+    """A task's loss metrics reach metrics.jsonl beside the loss, averaged over micro-batches as the loss is."""
+    task_class = (TASKS if backend == "jax" else TORCH_TASKS)["text_to_image"]
+    plain_loss = task_class.loss
+
+    def loss_with_metrics(self, models, batch, randoms):
+        loss, metrics = plain_loss(self, models, batch, randoms)
+        return loss, {**metrics, "twice_the_loss": 2 * loss}
+
+    monkeypatch.setattr(task_class, "loss", loss_with_metrics)
+    flags = ("--backend", backend, "--max_train_steps", "2", "--gradient_accumulation_steps", "2")
+    rows = metrics(train(tmp_path, "run", tiny_sd_path, shapes_dataset, *flags))
+    assert len(rows) == 2
+    for row in rows:
+        assert row["twice_the_loss"] == pytest.approx(2 * row["loss"], rel=1e-5)
