@@ -580,6 +580,16 @@ class Compiled:
 _TEMPS_REQUIRED = re.compile(r"RESOURCE_EXHAUSTED: [^\n]*")
 
 
+#: DreamBooth's data flags (never read: the step compiles from shapes), with prior preservation.
+DREAMBOOTH = {
+    "instance_data_dir": tempfile.gettempdir(),
+    "instance_prompt": "a photo of sks dog",
+    "with_prior_preservation": True,
+    "class_data_dir": tempfile.gettempdir(),
+    "class_prompt": "a photo of dog",
+}
+
+
 def train_config(args: argparse.Namespace, pipeline: Path, per_device_batch: int, checkpointing: bool) -> Any:
     """The run's TrainConfig: the presets' training settings on the benchmark's model and batch."""
     config = cli.validate(
@@ -596,6 +606,7 @@ def train_config(args: argparse.Namespace, pipeline: Path, per_device_batch: int
             "cache_latents": args.cache_latents,
             "attention_implementation": args.attention_implementation,
             "seed": 0,
+            **(DREAMBOOTH if args.task == "dreambooth" else {}),
         }
     )
     if config.task is None:

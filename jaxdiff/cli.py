@@ -6,7 +6,6 @@ naming the field, the value and what is allowed, turned into exit code 2 by the 
 
 import argparse
 import difflib
-import json
 import re
 import secrets
 import sys
@@ -19,7 +18,7 @@ import yaml
 from pydantic import ValidationError
 
 from jaxdiff.config import GROUPS, ConfigError, TrainConfig, field_meta, unsupported_fields
-from jaxdiff.hub import HUB_ID, HubOptions, ModelFilesNotFoundError, resolve_pipeline
+from jaxdiff.hub import HUB_ID, HubOptions, ModelFilesNotFoundError, pipeline_class
 
 EXIT_CONFIG_ERROR = 2
 
@@ -64,7 +63,7 @@ def _choices(annotation: Any) -> list[Any] | None:
 
 
 #: Other spellings of a field's flag that diffusers' scripts use.
-FLAG_ALIASES: dict[str, tuple[str, ...]] = {"lora_rank": ("--rank",)}
+FLAG_ALIASES: dict[str, tuple[str, ...]] = {"lora_rank": ("--rank",), "validation_prompts": ("--validation_prompt",)}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -161,19 +160,17 @@ def _pipeline_class(config: TrainConfig, field: str) -> str | None:
     """The `_class_name` of the model_index.json of the pipeline ``config.<field>`` names, local or on the Hub
     (fetched with the run's revision, cache and token); None when a local folder has none."""
     try:
-        root = resolve_pipeline(getattr(config, field), (), HubOptions.from_config(config))
+        return pipeline_class(getattr(config, field), HubOptions.from_config(config))
     except ModelFilesNotFoundError as err:
         raise ConfigError(f"--{field}: {err}") from None
-    index = root / "model_index.json"
-    if not index.is_file():
-        return None
-    return json.loads(index.read_text()).get("_class_name")
 
 
 def infer_task(config: TrainConfig) -> str:
     """The task named by --task, else the one implied by the teacher or the model folder."""
     if config.task:
         return config.task
+    if config.instance_data_dir:
+        return "dreambooth"
     if config.pretrained_teacher_model:
         cls = _pipeline_class(config, "pretrained_teacher_model")
         if cls in TEACHER_TASKS:
@@ -220,6 +217,7 @@ def resolve(config: TrainConfig) -> TrainConfig:
         _check_path(config, "dataset_name", hub_ok=True)
     _check_path(config, "tfds_data_dir", hub_ok=False)
     _check_path(config, "train_data_dir", hub_ok=False)
+    _check_path(config, "instance_data_dir", hub_ok=False)
     if config.task is None:
         config = config.model_copy(update={"task": infer_task(config)})
     if config.seed is None:
@@ -231,7 +229,13 @@ def resolve(config: TrainConfig) -> TrainConfig:
         config.pretrained_model_name_or_path or config.pretrained_teacher_model
     ):
         raise ConfigError(f"task {config.task} needs --pretrained_model_name_or_path")
-    if not (config.dataset_name or config.train_data_dir or config.train_shards_path_or_url):
+    if config.task == "dreambooth":
+        missing = [f"--{n}" for n in ("instance_data_dir", "instance_prompt") if getattr(config, n) is None]
+        if missing:
+            raise ConfigError(f"task dreambooth needs {' and '.join(missing)}")
+        if config.class_data_dir and Path(config.class_data_dir).exists() and not Path(config.class_data_dir).is_dir():
+            raise ConfigError(f"--class_data_dir={config.class_data_dir!r} exists and is not a folder")
+    elif not (config.dataset_name or config.train_data_dir or config.train_shards_path_or_url):
         raise ConfigError("no training data: pass --dataset_name, --train_data_dir or --train_shards_path_or_url")
     return config
 

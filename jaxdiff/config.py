@@ -20,15 +20,19 @@ class ConfigError(ValueError):
 
 
 Backend = Literal["jax", "torch"]
-Task = Literal["text_to_image", "sdxl", "lcm", "lcm_sdxl", "lcm_lora", "unconditional"]
+Task = Literal["text_to_image", "sdxl", "dreambooth", "lcm", "lcm_sdxl", "lcm_lora", "unconditional"]
 
 BACKENDS: tuple[str, ...] = ("jax", "torch")
-TASKS: tuple[str, ...] = ("text_to_image", "sdxl", "lcm", "lcm_sdxl", "lcm_lora", "unconditional")
+TASKS: tuple[str, ...] = ("text_to_image", "sdxl", "dreambooth", "lcm", "lcm_sdxl", "lcm_lora", "unconditional")
 LCM_TASKS = ("lcm", "lcm_sdxl", "lcm_lora")
-TEXT_TASKS = ("text_to_image", "sdxl", *LCM_TASKS)
-FINETUNE_TASKS = ("text_to_image", "sdxl", "unconditional")
+#: Tasks that fine-tune a pretrained text-to-image pipeline (SD 1.x/2.x or SDXL) with the denoising loss.
+TEXT_FINETUNE_TASKS = ("text_to_image", "sdxl", "dreambooth")
+TEXT_TASKS = (*TEXT_FINETUNE_TASKS, *LCM_TASKS)
+FINETUNE_TASKS = (*TEXT_FINETUNE_TASKS, "unconditional")
 SDXL_TASKS = ("sdxl", "lcm_sdxl")
-LORA_TASKS = ("text_to_image", "sdxl", "lcm_lora")
+LORA_TASKS = (*TEXT_FINETUNE_TASKS, "lcm_lora")
+#: Tasks whose data is a dataset (every source of jaxdiff.data); DreamBooth reads its instance/class folders.
+DATASET_TASKS = tuple(t for t in TASKS if t != "dreambooth")
 
 GROUPS: tuple[str, ...] = (
     "Run",
@@ -38,6 +42,7 @@ GROUPS: tuple[str, ...] = (
     "Optimizer",
     "Diffusion",
     "LoRA",
+    "DreamBooth",
     "LCM distillation",
     "Unconditional",
     "Memory and speed",
@@ -158,7 +163,7 @@ class TrainConfig(BaseModel):
         None,
         "A different VAE, e.g. madebyollin/sdxl-vae-fp16-fix for SDXL in half precision.",
         group="Model",
-        tasks=("text_to_image", "sdxl", *LCM_TASKS),
+        tasks=TEXT_TASKS,
     )
     pretrained_teacher_model: str | None = _field(
         None, "Hub id or local folder of the teacher pipeline to distill.", group="Model", tasks=LCM_TASKS
@@ -177,7 +182,7 @@ class TrainConfig(BaseModel):
         group="Model",
     )
     train_text_encoder: bool = _field(
-        False, "(jaxdiff) Fine-tune the text encoder(s) too.", group="Model", tasks=("text_to_image", "sdxl")
+        False, "Fine-tune the text encoder(s) too.", group="Model", tasks=TEXT_FINETUNE_TASKS
     )
 
     # Data
@@ -185,28 +190,42 @@ class TrainConfig(BaseModel):
         None,
         "Hub id or local folder of a datasets dataset, or 'tfds:NAME[/CONFIG]' for TensorFlow Datasets.",
         group="Data",
+        tasks=DATASET_TASKS,
     )
-    dataset_config_name: str | None = _field(None, "Dataset configuration name.", group="Data")
+    dataset_config_name: str | None = _field(None, "Dataset configuration name.", group="Data", tasks=DATASET_TASKS)
     train_data_dir: str | None = _field(
-        None, "Image folder with metadata.jsonl or metadata.csv (file_name + caption).", group="Data"
+        None,
+        "Image folder with metadata.jsonl or metadata.csv (file_name + caption).",
+        group="Data",
+        tasks=DATASET_TASKS,
     )
     train_shards_path_or_url: str | None = _field(
         None,
         "WebDataset tar shards: a path, a brace pattern like shards/{00000..01099}.tar, or a 'pipe:' command.",
         group="Data",
+        tasks=DATASET_TASKS,
     )
-    tfds_data_dir: str | None = _field(None, "(jaxdiff) data_dir for tfds: datasets.", group="Data")
+    tfds_data_dir: str | None = _field(
+        None, "(jaxdiff) data_dir for tfds: datasets.", group="Data", tasks=DATASET_TASKS
+    )
     image_column: str | None = _field(
-        None, "Dataset column holding the image (default: 'image', else the first column).", group="Data"
+        None,
+        "Dataset column holding the image (default: 'image', else the first column).",
+        group="Data",
+        tasks=DATASET_TASKS,
     )
     caption_column: str | None = _field(
         None,
         "Dataset column holding the caption(s) (default: 'text', else the second column).",
         group="Data",
-        tasks=TEXT_TASKS,
+        tasks=tuple(t for t in TEXT_TASKS if t in DATASET_TASKS),
     )
     max_train_samples: int | None = _field(
-        None, "Truncate the dataset to this many samples (debugging, quick runs).", group="Data", gt=0
+        None,
+        "Truncate the dataset to this many samples (debugging, quick runs).",
+        group="Data",
+        tasks=DATASET_TASKS,
+        gt=0,
     )
     resolution: int | tuple[int, int] = _field(
         512,
@@ -234,9 +253,13 @@ class TrainConfig(BaseModel):
         False,
         "(jaxdiff) Encode images with the VAE (and captions) once, cache on disk, and train from the cache.",
         group="Data",
+        tasks=DATASET_TASKS,
     )
     latent_cache_dir: str | None = _field(
-        None, "(jaxdiff) Where the latent cache lives (default: output_dir/latent_cache).", group="Data"
+        None,
+        "(jaxdiff) Where the latent cache lives (default: output_dir/latent_cache).",
+        group="Data",
+        tasks=DATASET_TASKS,
     )
 
     # Training
@@ -394,6 +417,53 @@ class TrainConfig(BaseModel):
         "(jaxdiff) Also export a full pipeline with the adapters merged into the weights.",
         group="LoRA",
         tasks=LORA_TASKS,
+    )
+
+    # DreamBooth
+    instance_data_dir: str | None = _field(
+        None,
+        "Folder of the instance images (every image file in it), each trained with instance_prompt.",
+        group="DreamBooth",
+        tasks=("dreambooth",),
+    )
+    instance_prompt: str | None = _field(
+        None,
+        "The prompt naming the instance, e.g. 'a photo of sks dog'.",
+        group="DreamBooth",
+        tasks=("dreambooth",),
+    )
+    with_prior_preservation: bool = _field(
+        False,
+        "Add the prior-preservation loss on class images (class_data_dir, class_prompt).",
+        group="DreamBooth",
+        tasks=("dreambooth",),
+    )
+    class_data_dir: str | None = _field(
+        None,
+        "Folder of the class images; missing ones (up to num_class_images) are generated into it from the base "
+        "model before training, sampled as validation images are.",
+        group="DreamBooth",
+        tasks=("dreambooth",),
+    )
+    class_prompt: str | None = _field(
+        None,
+        "The prompt of the class images, e.g. 'a photo of dog'.",
+        group="DreamBooth",
+        tasks=("dreambooth",),
+    )
+    prior_loss_weight: float = _field(
+        1.0, "Weight of the prior-preservation loss.", group="DreamBooth", tasks=("dreambooth",), ge=0.0
+    )
+    num_class_images: int = _field(
+        100,
+        "Class images the prior loss uses (the first ones of class_data_dir in name order); fewer are completed "
+        "by generation.",
+        group="DreamBooth",
+        tasks=("dreambooth",),
+        gt=0,
+    )
+    sample_batch_size: int = _field(
+        4, "Batch size of class-image generation.", group="DreamBooth", tasks=("dreambooth",), gt=0
     )
 
     # Unconditional
@@ -556,6 +626,18 @@ class TrainConfig(BaseModel):
             raise ValueError(f"{', '.join(set_lora)} configure LoRA training, which --lora_rank turns on")
         if self.lora_target_modules is not None and not self.lora_target_modules:
             raise ValueError("lora_target_modules must name at least one module (or leave it unset)")
+        prior_options = (
+            "class_data_dir",
+            "class_prompt",
+            "prior_loss_weight",
+            "num_class_images",
+            "sample_batch_size",
+        )
+        set_prior = [f"--{n}" for n in prior_options if getattr(self, n) != type(self).model_fields[n].default]
+        if self.with_prior_preservation and (self.class_data_dir is None or self.class_prompt is None):
+            raise ValueError("--with_prior_preservation needs --class_data_dir and --class_prompt")
+        if set_prior and not self.with_prior_preservation:
+            raise ValueError(f"{', '.join(set_prior)} configure --with_prior_preservation, which is off")
         if self.push_to_hub and not self.hub_model_id:
             raise ValueError("push_to_hub needs hub_model_id")
         return self

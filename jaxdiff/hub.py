@@ -299,6 +299,13 @@ def resolve_pipeline(path_or_id: str | os.PathLike, components: Sequence[str], o
     return snapshot.fetch_models(models, [MODEL_INDEX, *(f"{name}/*" for name in weightless)])
 
 
+def pipeline_class(path_or_id: str | os.PathLike, options: HubOptions) -> str | None:
+    """The ``_class_name`` of a pipeline's model_index.json (a local folder, or fetched from the Hub); None when a
+    local folder has none."""
+    index = resolve_pipeline(path_or_id, (), options) / MODEL_INDEX
+    return json.loads(index.read_text()).get("_class_name") if index.is_file() else None
+
+
 def resolve_model(
     path_or_id: str | os.PathLike, subfolder: str | None, weights_name: str, options: HubOptions
 ) -> Path:

@@ -1,4 +1,4 @@
-"""The framework-free half of the text-to-image and SDXL tasks, shared by the JAX and torch tasks.
+"""The framework-free half of the text-to-image, SDXL and DreamBooth tasks, shared by the JAX and torch tasks.
 
 Which models train and which stay frozen, the tokenizers, the latent shape, the timestep bias, SDXL's
 micro-conditioning, and the host-drawn randoms of `--random_source host`. Each backend's task sets the attributes
@@ -14,7 +14,9 @@ import numpy as np
 
 from jaxdiff.adapters import LoRASettings
 from jaxdiff.config import ConfigError, TrainConfig
+from jaxdiff.data.dreambooth import ClassImageRequest
 from jaxdiff.diffusion.training import host_draws, timestep_bias_weights
+from jaxdiff.hub import HubOptions, pipeline_class
 
 #: Seed stream of the host-drawn LoRA dropout seeds (any number the other host draws do not use).
 DROPOUT_STREAM = 7
@@ -85,6 +87,11 @@ class TextToImageRoles:
         return tuple(name.replace("text_encoder", "tokenizer") for name in self.text_encoder_names)
 
     @property
+    def images_to_generate(self) -> ClassImageRequest | None:
+        """Images the run samples from the base model before its data loads: none."""
+        return None
+
+    @property
     def copied_components(self) -> dict[str, Any]:
         """Pipeline folders the export copies from elsewhere than the base pipeline: a separate VAE's."""
         return {"vae": Path(self.vae_folder)} if self.config.pretrained_vae_model_name_or_path else {}
@@ -129,3 +136,42 @@ class SDXLRoles(TextToImageRoles):
         diffusers' StableDiffusionXLPipeline defaults to it when model_index.json does not say)."""
         index = json.loads((self.root / "model_index.json").read_text())
         return bool(index.get("force_zeros_for_empty_prompt", True))
+
+
+class DreamBoothRoles:
+    """Mixin for DreamBooth over a text-to-image or SDXL task (before it in the bases): the instance prompt's
+    images, and with --with_prior_preservation class images paired with them, generated first where missing.
+
+    With prior preservation each data row carries two images (instance, class), so every per-sample draw is made
+    for both: the draws have shape (rows, 2, ...), made as for 2 x rows samples (row r's are samples 2r and 2r+1),
+    and split with the data rows (micro-batches, processes) like any per-row value."""
+
+    name = "dreambooth"
+    config: TrainConfig
+
+    @property
+    def prior_preservation(self) -> bool:
+        return self.config.with_prior_preservation
+
+    @property
+    def images_to_generate(self) -> ClassImageRequest | None:
+        """The class images missing from --class_data_dir (with prior preservation)."""
+        return ClassImageRequest.from_config(self.config)
+
+    def pair_draws(self, draws: dict[str, Any], rows: int) -> dict[str, Any]:
+        """Draws made for 2 x ``rows`` samples as (rows, 2, ...) (NumPy, jax and torch arrays alike); unchanged
+        without prior preservation."""
+        if not self.prior_preservation:
+            return draws
+        return {k: v.reshape(rows, 2, *v.shape[1:]) for k, v in draws.items()}
+
+    def draw_host(self, step: int, batch_size: int) -> dict[str, np.ndarray]:
+        """The host draws (`--random_source host`) of both images of each row."""
+        rows = batch_size * (2 if self.prior_preservation else 1)
+        return self.pair_draws(super().draw_host(step, rows), batch_size)
+
+
+def is_sdxl_pipeline(config: TrainConfig) -> bool:
+    """Whether --pretrained_model_name_or_path is an SDXL pipeline (its model_index.json says so)."""
+    options = HubOptions.from_config(config)
+    return pipeline_class(config.pretrained_model_name_or_path, options) == "StableDiffusionXLPipeline"

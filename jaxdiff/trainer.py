@@ -19,6 +19,7 @@ from jaxdiff import cpu_devices, optim, parallel, run
 from jaxdiff.checkpoint import Checkpointer, resolve_resume
 from jaxdiff.config import TrainConfig
 from jaxdiff.data import make_train_iterator, specs_from_config
+from jaxdiff.data.dreambooth import ClassImageRequest, complete_class_images
 from jaxdiff.hub import HubOptions
 from jaxdiff.loop import Pending, TrainLoop
 from jaxdiff.metrics import MetricsLogger
@@ -30,6 +31,7 @@ from jaxdiff.tasks.base import JaxTask
 log = logging.getLogger("jaxdiff")
 
 HOST_RANDOMS = "randoms"  # batch key of host-drawn randoms (--random_source host)
+CLASS_IMAGE_STREAM = 2**31 - 2  # seed stream of generated class images (validation uses 2**31 - 1)
 
 
 def split_models(models: dict[str, nnx.Module], trained: dict[str, Any]) -> tuple[dict, dict, dict, dict]:
@@ -281,6 +283,9 @@ class Trainer(TrainLoop):
         for weights_file in self.task.pretrained.values():
             weights_file.state_dict()  # missing weight files fail now, before the data is read or encoded
         self.frozen = load_frozen(self.task, self.mesh)
+        request = self.task.images_to_generate
+        if request is not None:
+            self.generate_images(request)
 
         # Input: each optimizer step consumes `accum` micro-batches, delivered as one batch.
         self.samples_per_step = self.batch_size * self.accum
@@ -314,8 +319,30 @@ class Trainer(TrainLoop):
         self.batch_sharding = self.program.batch_sharding
         self._step_fn: Any = None
 
-    def _models(self, params: dict, frozen: dict) -> dict[str, nnx.Module]:
-        return self.program.models(params, frozen)
+    def generate_images(self, request: ClassImageRequest) -> None:
+        """The task's missing images (DreamBooth's class images), sampled from the base model as validation images
+        are, one batch at a time over the whole mesh (padded to a multiple of its devices). Every process takes
+        part in each batch and writes the same files, so hosts without a shared disk get them too."""
+        cfg = self.config
+        missing = request.missing_batches()
+        parallel.barrier("class images counted")  # before any process writes
+        if not missing:
+            return
+        program = TrainProgram(cfg, self.task, self.mesh, batch_size=self.mesh.size, total_steps=1)
+        params = initial_params(self.task, program.state_shardings["params"])
+        rows = -(-request.batch_size // self.mesh.size) * self.mesh.size
+        sharding = program.batch_sharding
+        ids = {
+            k: jax.make_array_from_callback(v.shape, sharding, lambda index, v=v: v[index])
+            for k, v in self.task.tokenize([request.prompt] * rows).items()
+        }
+        key = jax.random.fold_in(jax.random.PRNGKey(cfg.seed), CLASS_IMAGE_STREAM)
+
+        def generate(batch: int) -> np.ndarray:
+            return parallel.to_host(program.sample_fn(params, self.frozen, ids, jax.random.fold_in(key, batch)))
+
+        complete_class_images(request, generate, missing)
+        parallel.barrier("class images written")
 
     def host_batch(self, step: int) -> dict[str, Any]:
         """This host's next batch; with ``--random_source host``, also the step's randoms (its rows of them)."""

@@ -22,7 +22,9 @@ timestep_bias_strategy timestep_bias_multiplier timestep_bias_begin timestep_bia
 w_max num_ddim_timesteps loss_type huber_c timestep_scaling_factor unet_time_cond_proj_dim lora_rank lora_alpha
 mixed_precision enable_xformers_memory_efficient_attention checkpointing_steps checkpoints_total_limit
 resume_from_checkpoint output_dir seed validation_prompts validation_epochs validation_steps num_validation_images
-report_to push_to_hub hub_model_id dataloader_num_workers backend mesh task logging_steps
+report_to push_to_hub hub_model_id dataloader_num_workers backend mesh task logging_steps instance_data_dir
+instance_prompt class_data_dir class_prompt with_prior_preservation prior_loss_weight num_class_images
+sample_batch_size train_text_encoder
 """.split()
 
 
@@ -90,4 +92,12 @@ def test_shipped_presets_validate(path):
 
 def test_all_presets_present():
     names = {p.stem for p in CONFIGS}
-    assert {"demo", "sd15_text_to_image", "sd21_v_prediction", "sdxl", "lcm_sd15", "unconditional"} <= names
+    assert {
+        "demo",
+        "sd15_text_to_image",
+        "sd21_v_prediction",
+        "sdxl",
+        "lcm_sd15",
+        "unconditional",
+        "dreambooth_sd15",
+    } <= names

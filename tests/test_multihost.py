@@ -202,6 +202,29 @@ def test_two_processes_train_like_one_and_resume(tmp_path, tiny_sd_path, shapes_
     ]
 
 
+def test_two_processes_generate_class_images_and_train_dreambooth(tmp_path, tiny_sd_path, dreambooth_folders):
+    """DreamBooth's class images are sampled over the whole 2-process mesh (each process writes the same files into
+    the shared folder, whole), and training on them goes as on one process."""
+    instance, _ = dreambooth_folders
+    class_dir = tmp_path / "class"
+    data = [
+        "--pretrained_model_name_or_path", str(tiny_sd_path),
+        "--instance_data_dir", str(instance), "--instance_prompt", "a red circle",
+        "--with_prior_preservation", "--class_data_dir", str(class_dir), "--class_prompt", "a circle",
+        "--num_class_images", "3", "--sample_batch_size", "2", "--validation_num_inference_steps", "2",
+        "--seed", "0",
+    ]  # fmt: skip
+    two, one = tmp_path / "two", tmp_path / "one"
+    finish(Run(tmp_path, "2x4", [*FLAGS, *data, "--output_dir", str(two)], processes=2))
+    assert sorted(p.name for p in class_dir.iterdir()) == ["class-00000.png", "class-00001.png", "class-00002.png"]
+    # The class images are all there now: the 1-process run trains on the same ones.
+    finish(Run(tmp_path, "1x8", [*FLAGS, *data, "--output_dir", str(one)], processes=1))
+    rows = metrics(two)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    for key in ("loss", "instance_loss", "prior_loss"):
+        np.testing.assert_allclose([r[key] for r in rows], [r[key] for r in metrics(one)], rtol=1e-5, err_msg=key)
+
+
 # ---- the launch flags ----------------------------------------------------------------------------------------
 
 

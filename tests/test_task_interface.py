@@ -29,21 +29,40 @@ def members(protocol: type) -> set[str]:
 
 
 def test_the_protocols_declare_the_interface():
-    assert {"trainable", "frozen", "lora", "draw", "draw_host", "loss", "copied_components"} <= members(Task)
+    assert {
+        "trainable",
+        "frozen",
+        "lora",
+        "draw",
+        "draw_host",
+        "loss",
+        "copied_components",
+        "images_to_generate",
+    } <= members(Task)
     assert members(Task) < members(JaxTask) and members(Task) < members(TorchTask)
     assert {"train_filter", "pretrained", "abstract_batch", "sample"} <= members(JaxTask)
 
 
 @pytest.mark.parametrize("backend", ["jax", "torch"])
-@pytest.mark.parametrize("name", ["text_to_image", "sdxl"])
+@pytest.mark.parametrize(
+    "name, model",
+    [
+        ("text_to_image", "tiny_sd_path"),
+        ("sdxl", "tiny_sdxl_path"),
+        ("dreambooth", "tiny_sd_path"),
+        ("dreambooth", "tiny_sdxl_path"),
+    ],
+)
 @pytest.mark.parametrize("lora", [False, True])
-def test_every_task_fits_the_interface(backend, name, lora, request, tmp_path, shapes_dataset):
-    model = request.getfixturevalue("tiny_sdxl_path" if name == "sdxl" else "tiny_sd_path")
+def test_every_task_fits_the_interface(backend, name, model, lora, request, tmp_path, shapes_dataset):
+    data = {"train_data_dir": str(shapes_dataset)}
+    if name == "dreambooth":
+        data = {"instance_data_dir": str(shapes_dataset), "instance_prompt": "a sks shape"}
     values = {
         "backend": backend,
         "task": name,
-        "pretrained_model_name_or_path": str(model),
-        "train_data_dir": str(shapes_dataset),
+        "pretrained_model_name_or_path": str(request.getfixturevalue(model)),
+        **data,
         "output_dir": str(tmp_path / "unused"),
         "resolution": 32,
         "seed": 0,
@@ -58,6 +77,7 @@ def test_every_task_fits_the_interface(backend, name, lora, request, tmp_path, s
     assert not missing, f"{type(task).__name__} lacks {missing}"
     assert task.name == name and task.config is config
     assert (task.lora is not None) == lora and set(task.trainable) == {"unet"}
+    assert ("text_encoder_2" in task.text_encoder_names) == (model == "tiny_sdxl_path")
 
 
 @pytest.mark.parametrize("backend", ["jax", "torch"])

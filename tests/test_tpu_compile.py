@@ -69,6 +69,23 @@ def test_tiny_sdxl_step_compiles_for_a_v4_8():
     assert 1.0 < row["flops_ratio"] < 1.6
 
 
+def test_dreambooth_step_compiles_with_the_class_images_for_a_v4_8():
+    """Prior preservation puts a class image beside each instance image: the UNet and VAE do twice the work of a
+    text-to-image step of the same batch."""
+    pytest.importorskip("libtpu", reason='libtpu not installed (pip install -e ".[tpu]"): no TPU compiler')
+    rows = {}
+    for task in ("text_to_image", "dreambooth"):
+        command = [sys.executable, str(SCRIPT), "--model", "tiny", "--task", task, "--topology", "v4-8", "--json"]
+        done = subprocess.run(command, capture_output=True, text=True, env=os.environ, timeout=900)
+        assert done.returncode == 0, done.stderr[-3000:]
+        (rows[task],) = (json.loads(line) for line in done.stdout.splitlines())
+    plain, dreambooth = rows["text_to_image"], rows["dreambooth"]
+    assert dreambooth["task"] == "dreambooth" and dreambooth["fits"]
+    assert dreambooth["global_batch"] == plain["global_batch"] == 4
+    for key in ("model_flops_trained_forward", "model_flops_frozen_forward"):
+        assert dreambooth[key] == 2 * plain[key], key
+
+
 def _flops_program(params, frozen, x, image):
     h = jax.checkpoint(lambda w, x: x @ w)(params["w"], x)  # (4, 8) @ (8, 16): trained
     gram = jax.jit(lambda x: x @ x.T)(x)  # (4, 8) @ (8, 4): frozen

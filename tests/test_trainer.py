@@ -367,7 +367,7 @@ def test_host_random_source_feeds_the_step(tmp_path, tiny_sd_path, shapes_datase
     assert all(np.array_equal(host_batch[HOST_RANDOMS][k], draws[k]) for k in draws)
     batch = trainer.global_batch(host_batch)
     data = {k: v for k, v in batch.items() if k != HOST_RANDOMS}
-    expected, _ = trainer.task.loss(trainer._models(trainer.state["params"], trainer.frozen), data, draws)
+    expected, _ = trainer.task.loss(trainer.program.models(trainer.state["params"], trainer.frozen), data, draws)
     _, step_metrics = trainer.compile_step(batch)(trainer.state, trainer.frozen, batch)
     np.testing.assert_allclose(float(step_metrics["loss"]), float(expected), rtol=1e-5)
 

@@ -49,19 +49,11 @@ def min_snr_loss_weights(snr: torch.Tensor, snr_gamma: float, prediction_type: s
     return clipped
 
 
-def snr_weighted_loss(
-    scheduler: DDPMScheduler,
-    prediction: torch.Tensor,
-    target: torch.Tensor,
-    timesteps: torch.Tensor,
-    *,
-    loss_type: str,
-    huber_c: float,
-    snr_gamma: float | None,
+def snr_weighted_mean(
+    scheduler: DDPMScheduler, losses: torch.Tensor, timesteps: torch.Tensor, snr_gamma: float | None
 ) -> torch.Tensor:
-    """Mean over the batch of the per-sample loss, Min-SNR weighted when ``snr_gamma`` is set."""
-    per_sample = per_sample_loss(prediction, target, loss_type, huber_c)
+    """The mean of per-sample losses (B,), Min-SNR weighted by their timesteps when ``snr_gamma`` is set."""
     if snr_gamma is not None:
         snr = compute_snr(scheduler, timesteps).float()
-        per_sample = per_sample * min_snr_loss_weights(snr, snr_gamma, scheduler.config.prediction_type)
-    return per_sample.mean()
+        losses = losses * min_snr_loss_weights(snr, snr_gamma, scheduler.config.prediction_type)
+    return losses.mean()

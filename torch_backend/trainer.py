@@ -9,7 +9,7 @@ at ``output_dir``. Everything task-specific comes from the task plug-in (``torch
 import contextlib
 import logging
 import math
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ from jaxdiff import run
 from jaxdiff.checkpoint import PreemptionGuard, resolve_resume
 from jaxdiff.config import ConfigError, TrainConfig
 from jaxdiff.data import make_train_iterator, specs_from_config
+from jaxdiff.data.dreambooth import ClassImageRequest, complete_class_images
 from jaxdiff.hub import HubOptions
 from jaxdiff.loop import Pending, TrainLoop
 from jaxdiff.metrics import MetricsLogger
@@ -35,8 +36,9 @@ from torch_backend.tasks import TASKS, TorchTask
 
 log = logging.getLogger("jaxdiff")
 
-#: Seed stream of the validation images (the training draws use (seed, step, process)).
+#: Seed streams of the validation and the generated class images (the training draws use (seed, step, process)).
 VALIDATION_STREAM = 2**31 - 1
+CLASS_IMAGE_STREAM = 2**31 - 2
 
 
 def derived_seed(*values: int) -> int:
@@ -92,6 +94,19 @@ def make_optimizer(config: TrainConfig, params: list[torch.nn.Parameter], *, num
     )
 
 
+@contextlib.contextmanager
+def eval_mode(modules: Iterable[torch.nn.Module]) -> Iterator[None]:
+    """The modules in eval mode (no LoRA dropout) while inside, then back in the mode each was in."""
+    modes = [(module, module.training) for module in modules]
+    for module, _ in modes:
+        module.eval()
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.train(training)
+
+
 def to_tensors(arrays: dict[str, np.ndarray], device: torch.device) -> dict[str, torch.Tensor]:
     """A dict of numpy arrays (a data batch, host draws) as tensors on ``device``."""
     return {k: torch.from_numpy(np.ascontiguousarray(v)).to(device) for k, v in arrays.items()}
@@ -126,6 +141,9 @@ class Trainer(TrainLoop):
             for module in (*self.task.trainable.values(), *self.task.frozen.values()):
                 if hasattr(module, "enable_xformers_memory_efficient_attention"):
                     module.enable_xformers_memory_efficient_attention()
+        request = self.task.images_to_generate
+        if request is not None:
+            self.generate_images(request)
 
         # Input: each optimizer step consumes `accum` micro-batches per process, delivered as one batch.
         self.accum = config.gradient_accumulation_steps
@@ -189,6 +207,22 @@ class Trainer(TrainLoop):
             self.data.set_state(self.checkpointer.restore(path))
             log.info("resumed from step %d", self.start_step)
 
+    def generate_images(self, request: ClassImageRequest) -> None:
+        """The task's missing images (DreamBooth's class images), sampled from the base model as validation images
+        are; the processes share the batches round robin."""
+        acc, cfg = self.accelerator, self.config
+        missing = request.missing_batches()
+        acc.wait_for_everyone()  # every process counted before any writes
+        models = {**self.task.frozen, **self.task.trainable}
+
+        def generate(batch: int) -> np.ndarray:
+            generator = torch.Generator(acc.device).manual_seed(derived_seed(cfg.seed, CLASS_IMAGE_STREAM, batch))
+            return self.task.sample(models, request.prompt, request.batch_size, generator)
+
+        with eval_mode(models.values()), acc.autocast():
+            complete_class_images(request, generate, missing, sorted(missing)[acc.process_index :: acc.num_processes])
+        acc.wait_for_everyone()
+
     # ---- the step ----------------------------------------------------------------------------------------
 
     def inputs(self, step: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
@@ -242,8 +276,10 @@ class Trainer(TrainLoop):
         if use_ema:
             self.ema.store(self.params)
             self.ema.copy_to(self.params)
+        trained = {n: self.accelerator.unwrap_model(m) for n, m in self.trained.items()}
         try:
-            yield {**self.task.frozen, **{n: self.accelerator.unwrap_model(m) for n, m in self.trained.items()}}
+            with eval_mode(trained.values()):
+                yield {**self.task.frozen, **trained}
         finally:
             if use_ema:
                 self.ema.restore(self.params)

@@ -18,6 +18,7 @@ from typing import Any
 import grain
 import numpy as np
 
+from jaxdiff.data.dreambooth import DreamBoothExamples, DreamBoothSpec
 from jaxdiff.data.errors import DataConfigError, NoUsableDataError
 from jaxdiff.data.sources import RandomAccessSource, SourceSpec, open_source
 from jaxdiff.data.streams import Element, LoaderSpec
@@ -200,7 +201,7 @@ def random_access_stream(
 
 
 def make_train_iterator(
-    source: SourceSpec,
+    source: SourceSpec | DreamBoothSpec,
     transform: TransformSpec,
     loader: LoaderSpec,
     tokenizers: Sequence[Any] = (),
@@ -218,10 +219,15 @@ def make_train_iterator(
     Batch keys (B = global batch / hosts): pixel_values (B, 3, H, W) float32 in [-1, 1], original_size and
     crop_top_left (B, 2) int32 (SDXL time ids), input_ids [input_ids_2] (B, L) int32; with a latent cache
     latent_mean and latent_logvar (B, C, h, w) float32, the `encode_text` outputs, original_size, crop_top_left.
+    DreamBooth (a `DreamBoothSpec` source): the instance images' keys, and with prior preservation the paired class
+    images' under ``class_`` keys.
     """
     process_index, process_count = default_process(process_index, process_count)
     batch = host_batch_size(loader.global_batch_size, process_count)
-    if source.is_streamed:
+    if isinstance(source, DreamBoothSpec):
+        example_fn: ExampleFn = DreamBoothExamples(source, transform, tokenizers)
+        num_samples = len(example_fn)
+    elif source.is_streamed:
         if latent_cache is not None:
             raise DataConfigError(
                 "cache_latents=True needs a random-access source (dataset_name or train_data_dir), "
@@ -229,8 +235,8 @@ def make_train_iterator(
             )
         stream = WebDatasetStream(source, transform, tokenizers, loader, process_index, process_count)
         return DataIterator(stream, batch, samples_per_epoch=None)
-    if latent_cache is not None:
-        example_fn: ExampleFn = latent_cache.examples(transform)
+    elif latent_cache is not None:
+        example_fn = latent_cache.examples(transform)
         num_samples = len(latent_cache)
     else:
         raw = open_source(source, with_captions=bool(tokenizers))

@@ -13,6 +13,7 @@ import numpy as np
 
 from jaxdiff.adapters import LoRASettings
 from jaxdiff.config import TrainConfig
+from jaxdiff.data.dreambooth import ClassImageRequest
 
 Batch = dict[str, Any]
 
@@ -39,6 +40,11 @@ class Task(Protocol):
     @property
     def frozen(self) -> dict[str, Any]:
         """Modules the loss uses but never updates (the VAE, text encoders that do not train)."""
+        ...
+
+    @property
+    def images_to_generate(self) -> ClassImageRequest | None:
+        """Images the run samples from the base model before its data loads (DreamBooth's class images), or None."""
         ...
 
     @property

@@ -7,6 +7,7 @@ loss, and the validation sampler. The trainer owns everything else.
 import functools
 import json
 import logging
+from contextlib import nullcontext
 from typing import Any, ClassVar
 
 import jax
@@ -214,14 +215,19 @@ class TextToImage(TextToImageRoles):
         return jax.lax.stop_gradient((mean + std * latent_eps) * vae.config.scaling_factor)
 
     def loss(self, models: Models, batch: Batch, randoms: Batch) -> tuple[jax.Array, dict[str, jax.Array]]:
-        """Mean (Min-SNR weighted) denoising loss of one micro-batch (LoRA adapters drop their inputs in it), and
-        no further metrics."""
-        if "dropout_seed" not in randoms:
-            return self._loss(models, batch, randoms), {}
-        with nn.lora_dropout(jax.random.PRNGKey(randoms["dropout_seed"][0])):
-            return self._loss(models, batch, randoms), {}
+        """The task's `objective` on one micro-batch, LoRA adapters dropping their inputs in it (keyed by the
+        micro-batch's first dropout seed)."""
+        seed = randoms.get("dropout_seed")
+        dropout = nn.lora_dropout(jax.random.PRNGKey(seed.reshape(-1)[0])) if seed is not None else nullcontext()
+        with dropout:
+            return self.objective(models, batch, randoms)
 
-    def _loss(self, models: Models, batch: Batch, randoms: Batch) -> jax.Array:
+    def objective(self, models: Models, batch: Batch, randoms: Batch) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """The mean (Min-SNR weighted) denoising loss, and no further metrics."""
+        return self.weighted_mean(self.denoising_losses(models, batch, randoms), randoms["timesteps"]), {}
+
+    def denoising_losses(self, models: Models, batch: Batch, randoms: Batch) -> jax.Array:
+        """Each sample's loss (B,) between the UNet's prediction on the noised latents and the training target."""
         cfg = self.config
         latents = self.latents(models["vae"], batch, randoms["latent_eps"])
         cached = self.text_keys[0] in batch  # the latent cache's text states
@@ -230,11 +236,15 @@ class TextToImage(TextToImageRoles):
         noisy = diffusion.add_noise(self.schedule, latents, randoms["noise_in"], t)
         target = diffusion.training_target(self.schedule, latents, randoms["noise"], t)
         prediction = models["unet"](noisy, t, **self.unet_conditioning(text, batch)).sample
-        per_sample = diffusion.per_sample_loss(prediction, target, cfg.loss_type, cfg.huber_c)
-        if cfg.snr_gamma is not None:
-            snr = diffusion.compute_snr(self.schedule, t)
-            per_sample = per_sample * diffusion.min_snr_loss_weights(snr, cfg.snr_gamma, self.schedule.prediction_type)
-        return jnp.mean(per_sample)
+        return diffusion.per_sample_loss(prediction, target, cfg.loss_type, cfg.huber_c)
+
+    def weighted_mean(self, losses: jax.Array, timesteps: jax.Array) -> jax.Array:
+        """The mean of per-sample losses, Min-SNR weighted by their timesteps with --snr_gamma."""
+        gamma = self.config.snr_gamma
+        if gamma is not None:
+            snr = diffusion.compute_snr(self.schedule, timesteps)
+            losses = losses * diffusion.min_snr_loss_weights(snr, gamma, self.schedule.prediction_type)
+        return jnp.mean(losses)
 
     def tokenize(self, prompts: list[str]) -> dict[str, np.ndarray]:
         """Token ids per tokenizer (`input_ids`, ...), each (len(prompts), max_length), padded as in training."""

@@ -1,12 +1,15 @@
 """Training tasks of the torch backend, by the name `--task` uses: jaxdiff.tasks.base's `Task` with torch modules
 and tensors, plus their sampler (`TorchTask`)."""
 
+from collections.abc import Callable
 from typing import Protocol
 
 import numpy as np
 import torch
 
+from jaxdiff.config import TrainConfig
 from jaxdiff.tasks.base import Task
+from torch_backend.tasks.dreambooth import dreambooth
 from torch_backend.tasks.sdxl import SDXL
 from torch_backend.tasks.text_to_image import TextToImage
 
@@ -21,4 +24,9 @@ class TorchTask(Task, Protocol):
         ...
 
 
-TASKS: dict[str, type[TorchTask]] = {"text_to_image": TextToImage, "sdxl": SDXL}
+#: Each task's constructor from the run's config and device (DreamBooth's picks the SD or SDXL variant).
+TASKS: dict[str, Callable[[TrainConfig, torch.device], TorchTask]] = {
+    "text_to_image": TextToImage,
+    "sdxl": SDXL,
+    "dreambooth": dreambooth,
+}

@@ -26,7 +26,7 @@ from jaxdiff.data import fingerprint_files
 from jaxdiff.data.fingerprint import hash_json
 from jaxdiff.hub import HubOptions, ModelFilesNotFoundError, resolve_model, resolve_pipeline
 from jaxdiff.objective import TextToImageRoles
-from torch_backend.diffusion import snr_weighted_loss, training_target
+from torch_backend.diffusion import per_sample_loss, snr_weighted_mean, training_target
 from torch_backend.lora import add_lora
 
 #: Dtype of the frozen models (and of autocast) per --mixed_precision; trained weights stay float32.
@@ -184,7 +184,12 @@ class TextToImage(TextToImageRoles):
             return (mean + std * latent_eps) * vae.config.scaling_factor
 
     def loss(self, models: Models, batch: Batch, randoms: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Mean (Min-SNR weighted) denoising loss of one micro-batch, and no further metrics."""
+        """The mean (Min-SNR weighted) denoising loss of one micro-batch, and no further metrics."""
+        losses = self.denoising_losses(models, batch, randoms)
+        return snr_weighted_mean(self.scheduler, losses, randoms["timesteps"].long(), self.config.snr_gamma), {}
+
+    def denoising_losses(self, models: Models, batch: Batch, randoms: Batch) -> torch.Tensor:
+        """Each sample's loss (B,) between the UNet's prediction on the noised latents and the training target."""
         cfg = self.config
         latents = self.latents(models["vae"], batch, randoms["latent_eps"])
         if self.text_keys[0] in batch:  # the latent cache's text states
@@ -196,16 +201,7 @@ class TextToImage(TextToImageRoles):
         noisy = self.scheduler.add_noise(latents, randoms["noise_in"], timesteps)
         target = training_target(self.scheduler, latents, randoms["noise"], timesteps)
         prediction = models["unet"](noisy, timesteps, **self.unet_conditioning(text, batch), return_dict=False)[0]
-        loss = snr_weighted_loss(
-            self.scheduler,
-            prediction,
-            target,
-            timesteps,
-            loss_type=cfg.loss_type,
-            huber_c=cfg.huber_c,
-            snr_gamma=cfg.snr_gamma,
-        )
-        return loss, {}
+        return per_sample_loss(prediction, target, cfg.loss_type, cfg.huber_c)
 
     def sampling_pipeline(self, models: Models) -> DiffusionPipeline:
         """diffusers' StableDiffusionPipeline of the in-memory (unwrapped) models, with a DDIM scheduler."""
