@@ -158,6 +158,11 @@ class DreamBoothRoles:
         """The class images missing from --class_data_dir (with prior preservation)."""
         return ClassImageRequest.from_config(self.config)
 
+    @property
+    def images_per_row(self) -> int:
+        """Images of one data row: the instance, and with prior preservation its class image."""
+        return 2 if self.prior_preservation else 1
+
     def pair_draws(self, draws: dict[str, Any], rows: int) -> dict[str, Any]:
         """Draws made for 2 x ``rows`` samples as (rows, 2, ...) (NumPy, jax and torch arrays alike); unchanged
         without prior preservation."""
@@ -167,8 +172,7 @@ class DreamBoothRoles:
 
     def draw_host(self, step: int, batch_size: int) -> dict[str, np.ndarray]:
         """The host draws (`--random_source host`) of both images of each row."""
-        rows = batch_size * (2 if self.prior_preservation else 1)
-        return self.pair_draws(super().draw_host(step, rows), batch_size)
+        return self.pair_draws(super().draw_host(step, batch_size * self.images_per_row), batch_size)
 
 
 def is_sdxl_pipeline(config: TrainConfig) -> bool:

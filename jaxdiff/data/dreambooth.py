@@ -143,16 +143,16 @@ def complete_class_images(
     generate: Callable[[int], np.ndarray],
     missing: dict[int, list[int]],
     batches: Sequence[int] | None = None,
-) -> int:
+) -> None:
     """Generates and saves the ``missing`` class images (`ClassImageRequest.missing_batches`, counted by the caller
-    before any process writes); returns how many were written.
+    before any process writes).
 
     ``generate(batch)`` returns that batch's ``batch_size`` images (N, H, W, 3) in [0, 1]. ``batches``: this
     process's share of the missing batches (default all, as on a JAX mesh, where every process takes part in each
     batch and writes the same files)."""
     mine = sorted(missing) if batches is None else list(batches)
     if not mine:
-        return 0
+        return
     log.info(
         "generating %d class images of %r into %s",
         sum(len(missing[b]) for b in mine),
@@ -160,13 +160,10 @@ def complete_class_images(
         request.folder,
     )
     request.folder.mkdir(parents=True, exist_ok=True)
-    written = 0
     for batch in mine:
         images = generate(batch)
         for index in missing[batch]:
             save_png(images[index - batch * request.batch_size], request.folder / f"class-{index:05d}.png")
-            written += 1
-    return written
 
 
 def save_png(image: np.ndarray, path: Path) -> None:

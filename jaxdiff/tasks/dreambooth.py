@@ -21,8 +21,7 @@ class DreamBoothLoss(DreamBoothRoles):
 
     def draw(self, rng: jax.Array, batch_size: int) -> Batch:
         """The text-to-image draws of both images of each row (see `DreamBoothRoles`)."""
-        rows = batch_size * (2 if self.prior_preservation else 1)
-        return self.pair_draws(super().draw(rng, rows), batch_size)
+        return self.pair_draws(super().draw(rng, batch_size * self.images_per_row), batch_size)
 
     def abstract_batch(self, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
         """The text-to-image batch, and with prior preservation the same keys of the class images."""

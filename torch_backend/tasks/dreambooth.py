@@ -16,8 +16,7 @@ class DreamBoothLoss(DreamBoothRoles):
 
     def draw(self, generator: torch.Generator, batch_size: int) -> Batch:
         """The text-to-image draws of both images of each row (see `DreamBoothRoles`)."""
-        rows = batch_size * (2 if self.prior_preservation else 1)
-        return self.pair_draws(super().draw(generator, rows), batch_size)
+        return self.pair_draws(super().draw(generator, batch_size * self.images_per_row), batch_size)
 
     def loss(self, models: Models, batch: Batch, randoms: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """instance loss + prior_loss_weight x prior loss, with both parts as metrics: instances and class images
