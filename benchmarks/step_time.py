@@ -16,6 +16,11 @@ times one optimizer step of text-to-image fine-tuning on that pipeline:
 the base weights frozen): jaxdiff's ``--lora_rank``, against diffusers' train_text_to_image_lora.py
 (train_text_to_image_lora_sdxl.py for SDXL) recipe with peft, ``unet.add_adapter(LoraConfig(...))``.
 
+``--task lcm`` times LCM distillation of the SD-shaped pipeline (teacher x2, student forward and backward,
+target network, its EMA update; l2, guidance scale drawn in [5, 15]): jaxdiff's ``--task lcm``, against the step of
+diffusers' train_lcm_distill_sd_wds.py written out on the same pipeline and batch (its teacher called once on the
+conditional and once on the unconditional text; jaxdiff batches the two).
+
 ``--task sdxl`` does the same for SDXL fine-tuning on an SDXL-shaped pipeline (a ~50M-parameter UNet without attention
 at its first level, linear projections and ``text_time`` conditioning; two text encoders, the second with
 projection; the SD VAE's shape with SDXL's scaling factor), the reference being diffusers'
@@ -208,7 +213,7 @@ def jaxdiff_step(model: Path, data: Path, out: Path, args: argparse.Namespace, g
             {
                 "pretrained_model_name_or_path": str(model),
                 "task": args.task,
-                "lora_rank": args.lora_rank,
+                **({"lora_rank": args.lora_rank} if args.lora_rank else {}),
                 "cache_latents": args.cache_latents,
                 "train_data_dir": str(data),
                 "output_dir": str(out),
@@ -272,16 +277,7 @@ def torch_step(model: Path, host_batch: dict, config, gpu: bool):
                 param.data = param.data.float()
     unet.train()
     params = [p for p in unet.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(
-        params,
-        lr=config.learning_rate,
-        betas=(config.adam_beta1, config.adam_beta2),
-        weight_decay=config.adam_weight_decay,
-        eps=config.adam_epsilon,
-    )
-    batch = {k: torch.from_numpy(v).to(device) for k, v in torch_arrays(host_batch).items()}
-    inputs = reference_inputs(model, batch, config, device, weight_dtype)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=gpu)
+    optimizer, inputs, autocast = reference_setup(model, host_batch, config, params, device, weight_dtype)
 
     def step() -> float:
         with torch.no_grad():
@@ -302,6 +298,115 @@ def torch_step(model: Path, host_batch: dict, config, gpu: bool):
         return value
 
     return step, sum(p.numel() for p in unet.parameters()), sum(p.numel() for p in params)
+
+
+def torch_lcm_step(model: Path, host_batch: dict, config, gpu: bool):
+    """One optimizer step of diffusers' train_lcm_distill_sd_wds.py on the same pipeline and batch: the student (the
+    teacher's UNet with a guidance embedding) trains; the frozen teacher (in the weight dtype) is called on the
+    conditional and on the unconditional text ("", encoded once), one DDIM solver step, the target network (an EMA
+    copy of the student) at the grid point below; l2 loss; the target's EMA update."""
+    import copy
+
+    import torch
+    import torch.nn.functional as F
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    torch.manual_seed(0)
+    device = torch.device("cuda" if gpu else "cpu")
+    if not gpu:
+        torch.set_num_threads(os.cpu_count() or 1)
+    weight_dtype = torch.bfloat16 if gpu else torch.float32
+    scheduler = DDPMScheduler.from_pretrained(model, subfolder="scheduler")
+    teacher = UNet2DConditionModel.from_pretrained(model, subfolder="unet").requires_grad_(False)
+    dim = config.unet_time_cond_proj_dim
+    student = UNet2DConditionModel.from_config(teacher.config, time_cond_proj_dim=dim)
+    student.load_state_dict(teacher.state_dict(), strict=False)
+    student.to(device).train()
+    target = copy.deepcopy(student).requires_grad_(False)
+    teacher.to(device, weight_dtype)
+    params = list(student.parameters())
+    optimizer, inputs, autocast = reference_setup(model, host_batch, config, params, device, weight_dtype)
+    tokenizer = CLIPTokenizer.from_pretrained(model, subfolder="tokenizer")
+    rows = len(host_batch["input_ids"])
+    empty = tokenizer([""] * rows, padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt")
+    encoder = CLIPTextModel.from_pretrained(model, subfolder="text_encoder").to(device, weight_dtype)
+    with torch.no_grad():
+        uncond = encoder(empty.input_ids.to(device), return_dict=False)[0]
+    alphas = scheduler.alphas_cumprod.to(device)
+    ratio = scheduler.config.num_train_timesteps // config.num_ddim_timesteps
+    grid = torch.arange(1, config.num_ddim_timesteps + 1, device=device) * ratio - 1
+    alphas_prev = torch.cat([alphas[:1], alphas[grid[:-1]]])
+    half = dim // 2
+    freqs = torch.exp(torch.arange(half, device=device) * -(np.log(10000.0) / (half - 1)))
+
+    def column(values: Any) -> Any:
+        return values.reshape(-1, 1, 1, 1)
+
+    def consistency(output: Any, x: Any, t: Any) -> Any:
+        alpha_bar, scaled = column(alphas[t]), column(config.timestep_scaling_factor * t.float())
+        x0 = (x - (1 - alpha_bar).sqrt() * output) / alpha_bar.sqrt()
+        return 0.25 / (scaled**2 + 0.25) * x + scaled / (scaled**2 + 0.25).sqrt() * x0
+
+    def step() -> float:
+        with torch.no_grad():
+            latents, conditioning = inputs()
+        noise = torch.randn_like(latents)
+        index = torch.randint(0, config.num_ddim_timesteps, (rows,), device=device)
+        start = grid[index]
+        t = (start - ratio).clamp(min=0)
+        noisy = scheduler.add_noise(latents, noise, start)
+        w = (config.w_max - config.w_min) * torch.rand(rows, device=device) + config.w_min
+        args = 1000.0 * w[:, None] * freqs[None]
+        guidance = torch.cat([torch.sin(args), torch.cos(args)], dim=1)
+        with autocast:
+            output = student(noisy, start, timestep_cond=guidance, **conditioning, return_dict=False)[0]
+        prediction = consistency(output.float(), noisy, start)
+        with torch.no_grad():
+            with autocast:
+                cond = teacher(noisy, start, **conditioning, return_dict=False)[0].float()
+                free = teacher(noisy, start, encoder_hidden_states=uncond, return_dict=False)[0].float()
+            alpha_bar = column(alphas[start])
+            x0_c, x0_u = ((noisy - (1 - alpha_bar).sqrt() * e) / alpha_bar.sqrt() for e in (cond, free))
+            x0 = x0_c + column(w) * (x0_c - x0_u)
+            eps = cond + column(w) * (cond - free)
+            alpha_prev = column(alphas_prev[index])
+            x_prev = alpha_prev.sqrt() * x0 + (1 - alpha_prev).sqrt() * eps
+            with autocast:
+                target_output = target(x_prev, t, timestep_cond=guidance, **conditioning, return_dict=False)[0]
+            target_value = consistency(target_output.float(), x_prev, t)
+        loss = F.mse_loss(prediction, target_value, reduction="mean")
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad()
+        with torch.no_grad():  # the script's update_ema(target_unet.parameters(), unet.parameters(), ema_decay)
+            for ema, param in zip(target.parameters(), student.parameters(), strict=True):
+                ema.mul_(0.95).add_(param, alpha=0.05)
+        value = loss.item()
+        if gpu:
+            torch.cuda.synchronize()
+        return value
+
+    return step, sum(p.numel() for p in student.parameters()), sum(p.numel() for p in params)
+
+
+def reference_setup(model: Path, host_batch: dict, config, params: list, device, weight_dtype) -> tuple:
+    """(AdamW over ``params`` with the config's hyperparameters, `reference_inputs` of the batch on ``device``, the
+    UNet's autocast context (bf16 on GPU)) for a diffusers reference step."""
+    import torch
+
+    optimizer = torch.optim.AdamW(
+        params,
+        lr=config.learning_rate,
+        betas=(config.adam_beta1, config.adam_beta2),
+        weight_decay=config.adam_weight_decay,
+        eps=config.adam_epsilon,
+    )
+    batch = {k: torch.from_numpy(v).to(device) for k, v in torch_arrays(host_batch).items()}
+    inputs = reference_inputs(model, batch, config, device, weight_dtype)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    return optimizer, inputs, autocast
 
 
 def torch_arrays(host_batch: dict) -> dict[str, np.ndarray]:
@@ -449,7 +554,10 @@ def tiny_runs(args: argparse.Namespace) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
-        "--task", choices=("text_to_image", "sdxl"), default="text_to_image", help="The pipeline and its objective."
+        "--task",
+        choices=("text_to_image", "sdxl", "lcm"),
+        default="text_to_image",
+        help="The pipeline and its objective (lcm: LCM distillation of the SD-shaped pipeline).",
     )
     parser.add_argument(
         "--cache_latents",
@@ -514,7 +622,8 @@ def main() -> None:
         print(f"built pipeline and {args.images} images in {time.perf_counter() - start:.1f} s")
 
         jax_fn, host_batch, config, mesh = jaxdiff_step(model, data, root / "out", args, gpu)
-        torch_fn, params, trained = torch_step(model, host_batch, config, gpu)
+        reference = torch_lcm_step if args.task == "lcm" else torch_step
+        torch_fn, params, trained = reference(model, host_batch, config, gpu)
         backend_fn = torch_backend_step(host_batch, config, root / "out_torch")
         print(f"UNet parameters: {params:,} ({trained:,} trained)")
         print(

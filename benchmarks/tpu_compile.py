@@ -1,6 +1,6 @@
 """The real train step compiled for TPU generations on this CPU machine: memory against HBM, FLOPs, largest batch.
 
-    python benchmarks/tpu_compile.py --model sd15|sd21|sdxl|tiny|tiny_sdxl|PIPELINE_FOLDER [--task sdxl]
+    python benchmarks/tpu_compile.py --model sd15|sd21|sdxl|tiny|tiny_sdxl|PIPELINE_FOLDER [--task lcm|lcm_sdxl|...]
         --topology v5p-8[,v4-8,...] [--per_device_batch 1] [--gradient_checkpointing] [--mesh DxM]
         [--max_batch] [--json]
 
@@ -10,10 +10,10 @@ on the real chips. The step is the trainer's own (`jaxdiff.trainer.TrainProgram`
 built-in model configs (the published config.json files of runwayml/stable-diffusion-v1-5 at 512 px,
 stabilityai/stable-diffusion-2-1 at 768 px, v-prediction, and stabilityai/stable-diffusion-xl-base-1.0 at 1024 px,
 task sdxl; ``tiny`` and ``tiny_sdxl``: the tests' shapes) are written to a temporary pipeline folder, configs only,
-no weights; ``--model FOLDER`` reads a local pipeline's configs instead. Training settings are the presets':
-bf16 compute, fp32 master weights, AdamW, EMA (``--no-use_ema`` drops it), images encoded by the frozen VAE each
-step (``--cache_latents`` trains on cached latents), ``--attention_implementation xla`` (what ``auto`` picks on an
-accelerator; on this CPU host ``auto`` would pick ``chunked``).
+no weights; ``--model FOLDER`` reads a local pipeline's configs instead. Training settings are the presets': bf16
+compute, fp32 master weights, AdamW, EMA (``--no-use_ema`` drops it; LCM's EMA is its target network), images encoded
+by the frozen VAE each step (``--cache_latents`` trains on cached latents), ``--attention_implementation xla`` (what
+``auto`` picks on an accelerator; on this CPU host ``auto`` would pick ``chunked``).
 
 One row per topology, printed as it finishes (``--json``: one JSON object per line):
 
@@ -21,13 +21,13 @@ One row per topology, printed as it finishes (``--json``: one JSON object per li
 * ``peak_bytes``: XLA's peak memory per device (state, batch and temporaries) against ``hbm_bytes``, the HBM per
   device the TPU compiler itself says a program may use (``hbm_spec_bytes``: the chip's published capacity);
   a compile that does not fit fails, and the row says so (``fits``: false);
-* ``flops``: the compiled step's FLOPs, all devices (XLA's cost analysis per device x devices; it counts
-  elementwise ops too, and nothing inside Pallas kernels), against ``model_flops``, counted from the program:
-  ``model_flops = 3 * F(trained) + F(frozen)``, where F sums 2 x multiply-adds of every matmul and convolution
-  (``dot_general``, ``conv_general_dilated``) in the jaxpr of one forward of the step's loss at the global batch,
-  split by whether the op depends on a trained parameter (UNet: forward + two backward matmuls each) or not (VAE
-  encoder, frozen text encoder: forward only). ``flops_ratio = flops / model_flops`` shows recomputation
-  (gradient checkpointing: ~4/3) and other waste;
+* ``flops``: the compiled step's FLOPs, all devices (XLA's cost analysis per device x devices; it counts elementwise
+  ops too, and nothing inside Pallas kernels), against ``model_flops``, counted from the program: ``model_flops = 3 *
+  F(trained) + F(frozen)``, where F sums 2 x multiply-adds of every matmul and convolution (``dot_general``,
+  ``conv_general_dilated``) in the jaxpr of one forward of the step's loss at the global batch, split by whether the op
+  depends on a trained parameter (UNet: forward + two backward matmuls each) or not (VAE encoder, frozen text encoder,
+  LCM's teacher and target network: forward only). ``flops_ratio = flops / model_flops`` shows recomputation (gradient
+  checkpointing: ~4/3) and other waste;
 * ``max_batch_estimate``: the largest per-device batch that fits if the step's temporaries grow in proportion to
   the batch (state fixed), from this one compile: a lower bound, free;
 * with ``--max_batch``: the largest per-device batch that fits, without and with gradient checkpointing. Peak memory
@@ -61,7 +61,8 @@ import numpy as np
 from jax.extend import core as jcore
 
 from jaxdiff import cli, parallel
-from jaxdiff.config import ConfigError
+from jaxdiff.config import LCM_TASKS, ConfigError
+from jaxdiff.demo import save_tiny_clip_tokenizer
 from jaxdiff.tasks import TASKS
 
 GIB = 2**30
@@ -217,7 +218,7 @@ _SDXL_PIPELINE = {
     "text_encoder": ["transformers", "CLIPTextModel"],
     "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
     "tokenizer": ["transformers", "CLIPTokenizer"],
-    "tokenizer_2": ["transformers", "CLIPTokenizer"],  # SDXL's pads with "!" (no tokenizer is written here)
+    "tokenizer_2": ["transformers", "CLIPTokenizer"],
     "unet": ["diffusers", "UNet2DConditionModel"],
     "vae": ["diffusers", "AutoencoderKL"],
 }
@@ -427,7 +428,9 @@ _WEIGHTS = {"unet": "diffusion_pytorch_model.safetensors", "vae": "diffusion_pyt
 
 
 def write_pipeline(model: str, folder: Path) -> Path:
-    """A diffusers pipeline folder of ``model``'s configs (weight files without tensors, no tokenizer)."""
+    """A diffusers pipeline folder of ``model``'s configs (weight files without tensors) and, for each text encoder,
+    a stand-in tokenizer of its length (a step that encodes a prompt, LCM's unconditional "", needs token ids of
+    that shape, not the real vocabulary)."""
     from safetensors.numpy import save_file
 
     for name, content in MODELS[model].items():
@@ -436,6 +439,9 @@ def write_pipeline(model: str, folder: Path) -> Path:
         path.write_text(json.dumps(content, indent=2) + "\n")
         if name.endswith("/config.json"):
             save_file({}, str(path.parent / _WEIGHTS.get(path.parent.name, "model.safetensors")))
+        if name.startswith("text_encoder"):
+            tokenizer = folder / name.split("/")[0].replace("text_encoder", "tokenizer")
+            save_tiny_clip_tokenizer(tokenizer, model_max_length=content["max_position_embeddings"])
     return folder
 
 
@@ -514,15 +520,17 @@ def count_flops(jaxpr: jcore.Jaxpr, depends: Sequence[bool]) -> tuple[int, int, 
 
 def forward_jaxpr(program: Any, batch: dict) -> jcore.ClosedJaxpr:
     """The jaxpr of one forward of the step's loss on ``batch``; its inputs are the leaves of (trained parameters,
-    frozen parameters, batch, the step's random draws), in that order."""
+    frozen parameters, batch, the step's random draws, the target networks' EMA parameters (LCM's)), in that order."""
     task, state = program.task, program.abstract_state
     batch_size = jax.tree.leaves(batch)[0].shape[0]
     randoms = jax.eval_shape(lambda rng: task.draw(rng, batch_size), state["rng"])
+    ema = state["ema_params"] if task.target_decay is not None else None
 
-    def forward(params: Any, frozen: Any, batch: dict, randoms: dict) -> Any:
-        return task.loss(program.models(params, frozen), batch, randoms)[0]
+    def forward(params: Any, frozen: Any, batch: dict, randoms: dict, ema: Any) -> Any:
+        targets = {} if ema is None else program.target_models(ema, frozen)
+        return task.loss({**program.models(params, frozen), **targets}, batch, randoms)[0]
 
-    return jax.make_jaxpr(forward)(state["params"], program.abstract_frozen, batch, randoms)
+    return jax.make_jaxpr(forward)(state["params"], program.abstract_frozen, batch, randoms, ema)
 
 
 def model_flops(program: Any, closed: jcore.ClosedJaxpr) -> tuple[int, int]:
@@ -613,6 +621,8 @@ def train_config(args: argparse.Namespace, pipeline: Path, per_device_batch: int
         config = config.model_copy(update={"task": cli.infer_task(config)})
     if config.task not in TASKS:
         raise ConfigError(f"--task={config.task!r}: not a task of the JAX backend yet; available: {', '.join(TASKS)}")
+    if config.task in LCM_TASKS:  # the target network is LCM's EMA: no second one
+        config = config.model_copy(update={"use_ema": False})
     return config
 
 

@@ -2,8 +2,9 @@
 
 Which layers get adapters (peft's target matching), their starting values, and diffusers' LoRA weights files:
 ``pytorch_lora_weights.safetensors`` in peft format (``<prefix>.<module>.lora_A.weight`` (rank, in) and
-``.lora_B.weight`` (out, rank)) with the ``lora_adapter_metadata`` that keeps each prefix's rank and alpha (without
-it diffusers would assume alpha = rank), and with ``--output_kohya_format`` the same adapters under kohya's names.
+``.lora_B.weight`` (out, rank); a convolution's (rank, in, kh, kw) and (out, rank, 1, 1)) with the
+``lora_adapter_metadata`` that keeps each prefix's rank and alpha (without it diffusers would assume alpha = rank),
+and with ``--output_kohya_format`` the same adapters under kohya's names.
 """
 
 import dataclasses
@@ -24,6 +25,25 @@ from jaxdiff.files import atomic_write_bytes
 UNET_TARGETS: tuple[str, ...] = ("to_k", "to_q", "to_v", "to_out.0")
 UNET_ADDED_TARGETS: tuple[str, ...] = ("add_k_proj", "add_v_proj")
 TEXT_ENCODER_TARGETS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "out_proj")
+#: diffusers' LCM-LoRA scripts' (train_lcm_distill_lora_sd(xl)_wds.py) default UNet targets: attention and
+#: feed-forward projections, the resnets' convolutions and time projections, the down/upsampling convolutions
+#: (Conv layers among them: peft's conv LoRA).
+LCM_UNET_TARGETS: tuple[str, ...] = (
+    "to_q",
+    "to_k",
+    "to_v",
+    "to_out.0",
+    "proj_in",
+    "proj_out",
+    "ff.net.0.proj",
+    "ff.net.2",
+    "conv1",
+    "conv2",
+    "conv_shortcut",
+    "downsamplers.0.conv",
+    "upsamplers.0.conv",
+    "time_emb_proj",
+)
 LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
 KOHYA_WEIGHTS_NAME = "pytorch_lora_weights_kohya.safetensors"
 METADATA_KEY = "lora_adapter_metadata"
@@ -50,11 +70,14 @@ class LoRASettings:
 
     @classmethod
     def from_config(cls, config: TrainConfig) -> "LoRASettings | None":
-        """The run's settings, or None when it trains full weights (no --lora_rank; lcm_lora always has one)."""
-        rank = config.lora_rank or (LCM_LORA_DEFAULT_RANK if config.task == "lcm_lora" else None)
+        """The run's settings, or None when it trains full weights (no --lora_rank; lcm_lora always has one). The
+        UNet targets without --lora_target_modules: `LCM_UNET_TARGETS` for lcm_lora, else the attention projections."""
+        lcm = config.task == "lcm_lora"
+        rank = config.lora_rank or (LCM_LORA_DEFAULT_RANK if lcm else None)
         if rank is None:
             return None
-        targets = tuple(config.lora_target_modules or (*UNET_TARGETS, *UNET_ADDED_TARGETS))
+        default_targets = LCM_UNET_TARGETS if lcm else (*UNET_TARGETS, *UNET_ADDED_TARGETS)
+        targets = tuple(config.lora_target_modules or default_targets)
         alpha = rank if config.lora_alpha is None else config.lora_alpha
         return cls(rank=rank, alpha=alpha, dropout=config.lora_dropout, unet_targets=targets)
 
@@ -75,12 +98,13 @@ class LoRASettings:
         }
 
 
-def initial_lora_a(seed: int, key: str, in_features: int, rank: int) -> np.ndarray:
-    """The starting ``lora_A`` (rank, in) of the adapter whose file key is ``key`` (``unet.<module>``): peft's
-    "gaussian" N(0, 1 / rank^2), drawn with NumPy from (seed, key), so both backends, any mesh and any module order
-    start from the same adapters (``lora_B`` starts at zero: the adapted model equals the base)."""
+def initial_lora_a(seed: int, key: str, shape: Sequence[int]) -> np.ndarray:
+    """The starting ``lora_A.weight`` of the adapter whose file key is ``key`` (``unet.<module>``), of peft's
+    ``shape``: (rank, in) on a Linear, (rank, in, kh, kw) on a Conv. peft's "gaussian" N(0, 1 / rank^2), drawn with
+    NumPy from (seed, key), so both backends, any mesh and any module order start from the same adapters
+    (``lora_B`` starts at zero: the adapted model equals the base)."""
     rng = np.random.default_rng([seed, zlib.crc32(key.encode())])
-    return (rng.standard_normal((rank, in_features)) / rank).astype(np.float32)
+    return (rng.standard_normal(tuple(shape)) / shape[0]).astype(np.float32)
 
 
 def to_kohya(tensors: Mapping[str, np.ndarray], alphas: Mapping[str, float]) -> dict[str, np.ndarray]:

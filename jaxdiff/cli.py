@@ -17,7 +17,15 @@ from typing import Any, NoReturn
 import yaml
 from pydantic import ValidationError
 
-from jaxdiff.config import GROUPS, ConfigError, TrainConfig, field_meta, unsupported_fields
+from jaxdiff.config import (
+    GROUPS,
+    LCM_TASKS,
+    ConfigError,
+    TrainConfig,
+    field_meta,
+    unsupported_fields,
+    with_task_defaults,
+)
 from jaxdiff.hub import HUB_ID, HubOptions, ModelFilesNotFoundError, pipeline_class
 
 EXIT_CONFIG_ERROR = 2
@@ -225,6 +233,9 @@ def resolve(config: TrainConfig) -> TrainConfig:
     problems = unsupported_fields(config)
     if problems:
         raise ConfigError("; ".join(problems))
+    config = with_task_defaults(config)
+    if config.task in LCM_TASKS:
+        config = _one_teacher(config)
     if config.task != "unconditional" and not (
         config.pretrained_model_name_or_path or config.pretrained_teacher_model
     ):
@@ -238,6 +249,20 @@ def resolve(config: TrainConfig) -> TrainConfig:
     elif not (config.dataset_name or config.train_data_dir or config.train_shards_path_or_url):
         raise ConfigError("no training data: pass --dataset_name, --train_data_dir or --train_shards_path_or_url")
     return config
+
+
+def _one_teacher(config: TrainConfig) -> TrainConfig:
+    """An LCM run distills one pipeline, named by --pretrained_teacher_model (diffusers' flag) or
+    --pretrained_model_name_or_path: both fields then name it (every task reads the latter)."""
+    teacher, model = config.pretrained_teacher_model, config.pretrained_model_name_or_path
+    if teacher and model and teacher != model:
+        raise ConfigError(
+            f"--pretrained_teacher_model={teacher!r} and --pretrained_model_name_or_path={model!r}: task "
+            f"{config.task} distills one pipeline (the student starts from the teacher's UNet); give one of them"
+        )
+    return config.model_copy(
+        update={"pretrained_teacher_model": teacher or model, "pretrained_model_name_or_path": teacher or model}
+    )
 
 
 def to_yaml(config: TrainConfig) -> str:

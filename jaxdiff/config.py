@@ -146,8 +146,8 @@ class TrainConfig(BaseModel):
     # Model
     pretrained_model_name_or_path: str | None = _field(
         None,
-        "Hub id or local folder of the pretrained diffusers pipeline (for LCM: the student's base, defaults to "
-        "the teacher).",
+        "Hub id or local folder of the pretrained diffusers pipeline (for LCM: the teacher, as "
+        "--pretrained_teacher_model).",
         group="Model",
     )
     revision: str | None = _field(
@@ -166,7 +166,18 @@ class TrainConfig(BaseModel):
         tasks=TEXT_TASKS,
     )
     pretrained_teacher_model: str | None = _field(
-        None, "Hub id or local folder of the teacher pipeline to distill.", group="Model", tasks=LCM_TASKS
+        None,
+        "Hub id or local folder of the teacher pipeline to distill (its UNet starts the student; its text "
+        "encoders, VAE and tokenizers are the student pipeline's).",
+        group="Model",
+        tasks=LCM_TASKS,
+    )
+    cast_teacher_unet: bool = _field(
+        True,
+        "Store the teacher UNet in the compute dtype (--mixed_precision); off keeps float32 weights (computing in "
+        "the compute dtype either way). jaxdiff default: on.",
+        group="LCM distillation",
+        tasks=("lcm", "lcm_sdxl"),
     )
     model_config_name_or_path: str | None = _field(
         None,
@@ -328,27 +339,54 @@ class TrainConfig(BaseModel):
 
     # Diffusion
     prediction_type: Literal["epsilon", "v_prediction", "sample"] | None = _field(
-        None, "Training target; default: the scheduler config's prediction_type.", group="Diffusion"
+        None,
+        "Training target; default: the scheduler config's prediction_type.",
+        group="Diffusion",
+        tasks=FINETUNE_TASKS,
     )
     snr_gamma: float | None = _field(
-        None, "Min-SNR-gamma loss weighting (recommended 5.0); off when unset.", group="Diffusion", gt=0.0
+        None,
+        "Min-SNR-gamma loss weighting (recommended 5.0); off when unset.",
+        group="Diffusion",
+        tasks=FINETUNE_TASKS,
+        gt=0.0,
     )
     noise_offset: float = _field(
-        0.0, "Offset noise scale: noise += offset * randn(B, C, 1, 1).", group="Diffusion", ge=0.0
+        0.0,
+        "Offset noise scale: noise += offset * randn(B, C, 1, 1).",
+        group="Diffusion",
+        tasks=FINETUNE_TASKS,
+        ge=0.0,
     )
     input_perturbation: float = _field(
-        0.0, "Input perturbation scale (noise for add_noise = noise + p * randn).", group="Diffusion", ge=0.0
+        0.0,
+        "Input perturbation scale (noise for add_noise = noise + p * randn).",
+        group="Diffusion",
+        tasks=FINETUNE_TASKS,
+        ge=0.0,
     )
     timestep_bias_strategy: Literal["none", "earlier", "later", "range"] = _field(
-        "none", "Bias timestep sampling towards earlier or later timesteps, or a range.", group="Diffusion"
+        "none",
+        "Bias timestep sampling towards earlier or later timesteps, or a range.",
+        group="Diffusion",
+        tasks=FINETUNE_TASKS,
     )
     timestep_bias_multiplier: float = _field(
-        1.0, "Weight multiplier of the biased timesteps (must be > 0).", group="Diffusion"
+        1.0, "Weight multiplier of the biased timesteps (must be > 0).", group="Diffusion", tasks=FINETUNE_TASKS
     )
-    timestep_bias_begin: int = _field(0, "First timestep of the 'range' bias.", group="Diffusion", ge=0)
-    timestep_bias_end: int = _field(1000, "End timestep of the 'range' bias.", group="Diffusion", ge=0)
+    timestep_bias_begin: int = _field(
+        0, "First timestep of the 'range' bias.", group="Diffusion", tasks=FINETUNE_TASKS, ge=0
+    )
+    timestep_bias_end: int = _field(
+        1000, "End timestep of the 'range' bias.", group="Diffusion", tasks=FINETUNE_TASKS, ge=0
+    )
     timestep_bias_portion: float = _field(
-        0.25, "Portion of timesteps the earlier/later bias covers.", group="Diffusion", gt=0.0, le=1.0
+        0.25,
+        "Portion of timesteps the earlier/later bias covers.",
+        group="Diffusion",
+        tasks=FINETUNE_TASKS,
+        gt=0.0,
+        le=1.0,
     )
     random_source: Literal["device", "host"] = _field(
         "device",
@@ -357,7 +395,7 @@ class TrainConfig(BaseModel):
         group="Diffusion",
     )
     loss_type: Literal["l2", "huber"] = _field("l2", "Loss between prediction and target.", group="Diffusion")
-    huber_c: float = _field(0.001, "Pseudo-Huber loss parameter c.", group="Diffusion", gt=0.0)
+    huber_c: float = _field(0.001, "Pseudo-Huber loss parameter c: sqrt(d^2 + c^2) - c.", group="Diffusion", gt=0.0)
 
     # LCM distillation
     w_min: float = _field(
@@ -514,7 +552,11 @@ class TrainConfig(BaseModel):
     validation_steps: int | None = _field(None, "Validate every N optimizer steps.", group="Validation", gt=0)
     num_validation_images: int = _field(4, "Images per validation prompt.", group="Validation", gt=0)
     validation_guidance_scale: float = _field(
-        7.5, "(jaxdiff) Classifier-free guidance scale of validation sampling.", group="Validation", tasks=TEXT_TASKS
+        7.5,
+        "(jaxdiff) Classifier-free guidance scale of validation sampling (lcm, lcm_sdxl: the student's guidance "
+        "embedding gets w = scale - 1, as diffusers' pipelines; lcm_lora: default 1.0, no guidance).",
+        group="Validation",
+        tasks=TEXT_TASKS,
     )
     validation_num_inference_steps: int = _field(
         25,
@@ -641,6 +683,20 @@ class TrainConfig(BaseModel):
         if self.push_to_hub and not self.hub_model_id:
             raise ValueError("push_to_hub needs hub_model_id")
         return self
+
+
+#: Defaults that differ by task (diffusers' LCM scripts validate in 4 steps; their LoRA variant without guidance).
+TASK_DEFAULTS: dict[str, dict[str, Any]] = {
+    "lcm": {"validation_num_inference_steps": 4},
+    "lcm_sdxl": {"validation_num_inference_steps": 4},
+    "lcm_lora": {"validation_num_inference_steps": 4, "validation_guidance_scale": 1.0},
+}
+
+
+def with_task_defaults(config: TrainConfig) -> TrainConfig:
+    """``config`` with its task's `TASK_DEFAULTS` for the fields the user did not set."""
+    unset = {k: v for k, v in TASK_DEFAULTS.get(config.task or "", {}).items() if k not in config.model_fields_set}
+    return config.model_copy(update=unset) if unset else config
 
 
 def field_meta(name: str) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""The framework-free half of the text-to-image, SDXL and DreamBooth tasks, shared by the JAX and torch tasks.
+"""The framework-free half of the text-to-image, SDXL, DreamBooth and LCM tasks, shared by the JAX and torch tasks.
 
 Which models train and which stay frozen, the tokenizers, the latent shape, the timestep bias, SDXL's
 micro-conditioning, and the host-drawn randoms of `--random_source host`. Each backend's task sets the attributes
@@ -7,6 +7,7 @@ below and adds its models, on-device draws, loss and sampler.
 
 import functools
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -15,11 +16,18 @@ import numpy as np
 from jaxdiff.adapters import LoRASettings
 from jaxdiff.config import ConfigError, TrainConfig
 from jaxdiff.data.dreambooth import ClassImageRequest
+from jaxdiff.diffusion.lcm import lcm_origin_timesteps, lcm_scheduler_config
 from jaxdiff.diffusion.training import host_draws, timestep_bias_weights
 from jaxdiff.hub import HubOptions, pipeline_class
+from jaxdiff.publish import SchedulerConfig
 
-#: Seed stream of the host-drawn LoRA dropout seeds (any number the other host draws do not use).
+#: Seed streams of the host-drawn LoRA dropout seeds, of LCM's host draws and of the LCM student's new guidance
+#: projection (numbers no other draw uses).
 DROPOUT_STREAM = 7
+LCM_STREAM = 8
+COND_PROJ_STREAM = 9
+#: The decay of LCM's target network when --ema_decay is not given (diffusers' LCM scripts' default).
+LCM_TARGET_DEFAULT_DECAY = 0.95
 
 
 class TextToImageRoles:
@@ -96,6 +104,18 @@ class TextToImageRoles:
         """Pipeline folders the export copies from elsewhere than the base pipeline: a separate VAE's."""
         return {"vae": Path(self.vae_folder)} if self.config.pretrained_vae_model_name_or_path else {}
 
+    @property
+    def target_decay(self) -> float | None:
+        """The decay of a target network the loss reads (an EMA of the trained modules): none."""
+        return None
+
+    def dropout_seeds(self, step: int, batch_size: int) -> dict[str, np.ndarray]:
+        """With LoRA dropout, the JAX backend's per-row `dropout_seed` of the host draws; else nothing."""
+        if not (self.lora and self.lora.dropout):
+            return {}
+        rng = np.random.default_rng([self.config.seed, step, DROPOUT_STREAM])
+        return {"dropout_seed": rng.integers(0, 2**31, batch_size, dtype=np.int32)}
+
     def draw_host(self, step: int, batch_size: int) -> dict[str, np.ndarray]:
         """The step's randoms drawn with NumPy from (seed, step) (`--random_source host`), identical in both
         backends: `noise`, `noise_in`, `timesteps`, `latent_eps`, as each task's on-device `draw` (and with LoRA
@@ -111,10 +131,7 @@ class TextToImageRoles:
             cfg.noise_offset,
             cfg.input_perturbation,
         )
-        if self.lora and self.lora.dropout:
-            rng = np.random.default_rng([cfg.seed, step, DROPOUT_STREAM])
-            draws["dropout_seed"] = rng.integers(0, 2**31, batch_size, dtype=np.int32)
-        return draws
+        return {**draws, **self.dropout_seeds(step, batch_size)}
 
 
 class SDXLRoles(TextToImageRoles):
@@ -175,7 +192,107 @@ class DreamBoothRoles:
         return self.pair_draws(super().draw_host(step, batch_size * self.images_per_row), batch_size)
 
 
+class LCMRoles:
+    """Mixin for Latent Consistency distillation over a text-to-image or SDXL task (before it in the bases), with the
+    semantics of diffusers' ``train_lcm_distill_{sd,sdxl,lora_sd,lora_sdxl}_wds.py``.
+
+    The pipeline is the teacher's. Full distillation (lcm, lcm_sdxl) trains a student UNet built from the teacher's
+    config with a guidance-scale embedding (``time_cond_proj_dim``: the teacher's, else --unet_time_cond_proj_dim)
+    and the teacher's weights, its new ``time_embedding.cond_proj`` drawn as torch initialises a Linear; its target
+    network is an EMA of it (`target_decay`). lcm_lora trains LoRA adapters on the teacher's UNet: the teacher is
+    that UNet without its adapters and the target is the adapted UNet itself, under stop-gradient.
+
+    Draws per sample: the solver grid `index` (uniform), the guidance scale `w` ~ U[w_min, w_max], the noise and the
+    VAE posterior's `latent_eps`. Needs `config`, `lora`, `latent_shape`, `num_train_timesteps`, `root` and, for
+    full distillation, `teacher_unet`.
+    """
+
+    config: TrainConfig
+    latent_shape: tuple[int, ...]
+    num_train_timesteps: int
+    root: Path
+    teacher_unet: Any
+
+    @property
+    def frozen(self) -> dict[str, Any]:
+        """The pipeline's frozen modules and, for full distillation, the teacher UNet (``teacher_unet``)."""
+        return {**super().frozen, **({} if self.lora else {"teacher_unet": self.teacher_unet})}
+
+    @property
+    def target_decay(self) -> float | None:
+        """The target network's EMA decay (--ema_decay, default 0.95); None for LoRA (the student is the target)."""
+        return None if self.lora else (self.config.ema_decay or LCM_TARGET_DEFAULT_DECAY)
+
+    @functools.cached_property
+    def solver_timesteps(self) -> np.ndarray:
+        """The skipping-step DDIM grid k * (T // N) - 1, k = 1..N, of --num_ddim_timesteps N (ascending)."""
+        return lcm_origin_timesteps(self.num_train_timesteps, self.config.num_ddim_timesteps)
+
+    def guidance_dim(self, teacher_time_cond_proj_dim: int | None) -> int | None:
+        """The student's guidance-embedding width: the teacher's, else --unet_time_cond_proj_dim; None for LoRA."""
+        if self.lora:
+            return None
+        return teacher_time_cond_proj_dim or self.config.unet_time_cond_proj_dim
+
+    def initial_cond_proj(self, shape: tuple[int, int]) -> np.ndarray:
+        """The student's new ``time_embedding.cond_proj.weight`` (out, in), torch's Linear initialisation
+        U(-1/sqrt(in), 1/sqrt(in)) drawn with NumPy from the seed, so both backends start from the same student."""
+        bound = 1.0 / np.sqrt(shape[1])
+        rng = np.random.default_rng([self.config.seed, COND_PROJ_STREAM])
+        return rng.uniform(-bound, bound, shape).astype(np.float32)
+
+    @property
+    def copied_components(self) -> dict[str, Any]:
+        """The base's, and an LCMScheduler of the teacher's noise schedule and the distillation's grid and scaling
+        (the pipeline then samples in a few LCM steps)."""
+        cfg = self.config
+        base = json.loads((self.root / "scheduler" / "scheduler_config.json").read_text())
+        scheduler = lcm_scheduler_config(
+            base, original_inference_steps=cfg.num_ddim_timesteps, timestep_scaling=cfg.timestep_scaling_factor
+        )
+        return {**super().copied_components, "scheduler": SchedulerConfig("LCMScheduler", scheduler)}
+
+    def draw_host(self, step: int, batch_size: int) -> dict[str, np.ndarray]:
+        """The step's randoms drawn with NumPy from (seed, step) (`--random_source host`), identical in both
+        backends: `noise`, `latent_eps`, `index` (int32) and `w`, as each task's on-device `draw`."""
+        cfg = self.config
+        rng = np.random.default_rng([cfg.seed, step, LCM_STREAM])
+        shape = (batch_size, *self.latent_shape)
+        draws = {
+            "noise": rng.standard_normal(shape, np.float32),
+            "latent_eps": rng.standard_normal(shape, np.float32),
+            "index": rng.integers(0, cfg.num_ddim_timesteps, batch_size).astype(np.int32),
+            "w": rng.uniform(cfg.w_min, cfg.w_max, batch_size).astype(np.float32),
+        }
+        return {**draws, **self.dropout_seeds(step, batch_size)}
+
+
 def is_sdxl_pipeline(config: TrainConfig) -> bool:
     """Whether --pretrained_model_name_or_path is an SDXL pipeline (its model_index.json says so)."""
     options = HubOptions.from_config(config)
     return pipeline_class(config.pretrained_model_name_or_path, options) == "StableDiffusionXLPipeline"
+
+
+def check_pipeline_kind(config: TrainConfig, *, sdxl: bool) -> None:
+    """Refuses a pipeline of the other kind than the task's (SD 1.x/2.x or SDXL), naming the task that fits."""
+    if is_sdxl_pipeline(config) != sdxl:
+        task = config.task or ""
+        kind, fits = ("an SD 1.x/2.x", task.removesuffix("_sdxl")) if sdxl else ("an SDXL", f"{task}_sdxl")
+        raise ConfigError(
+            f"--pretrained_model_name_or_path={config.pretrained_model_name_or_path!r} is {kind} pipeline, which "
+            f"task {config.task} does not train; use --task {fits}"
+        )
+
+
+def by_pipeline_kind(*, sd: type | None = None, sdxl: type | None = None) -> Callable[..., Any]:
+    """A task constructor ``(config, *backend_args)`` over a backend's task classes: with both, the class of
+    --pretrained_model_name_or_path's kind (lcm_lora); with one, that class after `check_pipeline_kind` (lcm,
+    lcm_sdxl)."""
+
+    def construct(config: TrainConfig, *args: Any) -> Any:
+        if sd is not None and sdxl is not None:
+            return (sdxl if is_sdxl_pipeline(config) else sd)(config, *args)
+        check_pipeline_kind(config, sdxl=sd is None)
+        return (sd or sdxl)(config, *args)
+
+    return construct

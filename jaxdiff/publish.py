@@ -12,6 +12,7 @@ touched.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 import re
@@ -45,6 +46,20 @@ _SKIPPED_SUFFIXES = (".msgpack", ".onnx", ".onnx_data", ".ckpt", ".h5", ".pb", "
 _COPIED_WEIGHTS = ("diffusion_pytorch_model.safetensors", "model.safetensors")
 _TMP_PREFIX = ".export-tmp-"
 _OLD_PREFIX = ".export-old-"
+
+
+@dataclasses.dataclass(frozen=True)
+class SchedulerConfig:
+    """A scheduler component of an export: diffusers' ``torch_class_name`` (e.g. ``LCMScheduler``) with ``config``,
+    written as its ``scheduler_config.json``."""
+
+    torch_class_name: str
+    config: Mapping[str, Any]
+
+    def save_pretrained(self, folder: Path, *, dtype: Any = None) -> None:
+        """Writes ``folder/scheduler_config.json`` (``dtype``, for the export's other components, has no say)."""
+        config = {"_class_name": self.torch_class_name, **self.config}
+        (Path(folder) / "scheduler_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def _export_dtype(dtype: str) -> Any:
@@ -165,6 +180,7 @@ def export_pipeline(
     *,
     base_model: str | os.PathLike,
     components: Mapping[str, Any],
+    extras: Mapping[str, Any] | None = None,
     dtype: str = "fp32",
     options: HubOptions | None = None,
 ) -> Path:
@@ -173,13 +189,16 @@ def export_pipeline(
     ``components`` maps a pipeline folder name (``"unet"``, ``"text_encoder"``, ...) to a model with jaxdiff's
     ``save_pretrained(path, *, dtype=...)``, or to a torch diffusers ``ModelMixin`` / transformers
     ``PreTrainedModel`` (the torch backend's); its parameters must be addressable here (gathered, main process);
-    or to a model folder (a ``Path``, e.g. a separate pretrained VAE), copied in place of the base's.
+    or to a model folder (a ``Path``, e.g. a separate pretrained VAE), copied in place of the base's; or to a
+    `SchedulerConfig`. ``extras`` are models written beside the pipeline's folders but not part of its
+    ``model_index.json`` (LCM's target network ``unet_target/``, as diffusers' scripts save it).
     ``dtype`` (fp32, fp16, bf16) is the dtype of the trained components' floating-point weights; copied
     components keep theirs. A Hub id is fetched with ``options`` (revision, cache, token; `HubOptions.from_config`).
     Returns ``output_dir``.
     """
     _export_dtype(dtype)
-    reserved = sorted(RESERVED.intersection(components))
+    extras = extras or {}
+    reserved = sorted(RESERVED.intersection({*components, *extras}))
     if reserved:
         raise ValueError(f"component names {reserved} clash with training files in output_dir")
     output_dir = Path(output_dir)
@@ -212,6 +231,8 @@ def export_pipeline(
     for name, component in components.items():
         _write_folder(output_dir, name, lambda tmp, model=component: _save_component(model, tmp, dtype))
         index[name] = _model_index_entry(component) or index[name]
+    for name, component in extras.items():
+        _write_folder(output_dir, name, lambda tmp, model=component: _save_component(model, tmp, dtype))
     tmp = output_dir / f"{_TMP_PREFIX}{MODEL_INDEX}"
     tmp.write_text(json.dumps(index, indent=2) + "\n")
     os.replace(tmp, output_dir / MODEL_INDEX)

@@ -26,7 +26,7 @@ from jaxdiff.metrics import MetricsLogger
 from jaxdiff.models.lora import initial_adapters, merge_lora, save_lora_weights
 from jaxdiff.publish import check_hub_access, export_pipeline, push_to_hub
 from jaxdiff.tasks import TASKS
-from jaxdiff.tasks.base import JaxTask
+from jaxdiff.tasks.base import TARGET_SUFFIX, JaxTask
 
 log = logging.getLogger("jaxdiff")
 
@@ -160,6 +160,8 @@ class TrainProgram:
     def __init__(self, config: TrainConfig, task: JaxTask, mesh: Mesh, *, batch_size: int, total_steps: int) -> None:
         self.config, self.task, self.mesh = config, task, mesh
         self.batch_size, self.accum = batch_size, config.gradient_accumulation_steps
+        # The state's EMA copy: the fine-tuning EMA (--use_ema) or the task's target network.
+        self.ema = config.use_ema or task.target_decay is not None
         self.graphdefs, params, frozen, self.rest = split_models(*task_models(task))
         # Modules that train nothing keep their (empty) trained part out of the train state.
         self.untrained = {name: params.pop(name) for name in list(params) if name not in task.trainable}
@@ -168,10 +170,10 @@ class TrainProgram:
             config, total_steps=total_steps, per_device_batch=batch_size // mesh.size, num_devices=mesh.size
         )
         self.frozen_shardings = parallel.state_shardings(frozen, mesh)
-        self.state_shardings = train_state_shardings(self.tx, params, mesh, use_ema=config.use_ema)
+        self.state_shardings = train_state_shardings(self.tx, params, mesh, use_ema=self.ema)
         self.abstract_frozen = _with_shardings(frozen, self.frozen_shardings)
         self.abstract_state = _with_shardings(
-            jax.eval_shape(lambda p: init_train_state(p, self.tx, seed=0, use_ema=config.use_ema), params),
+            jax.eval_shape(lambda p: init_train_state(p, self.tx, seed=0, use_ema=self.ema), params),
             self.state_shardings,
         )
         self.batch_sharding = parallel.batch_sharding(mesh)
@@ -187,9 +189,8 @@ class TrainProgram:
 
     def init_state(self, params: dict) -> dict:
         """The train state from the (sharded) pretrained parameters, whose buffers it takes over (donated)."""
-        cfg = self.config
         return jax.jit(
-            lambda p: init_train_state(p, self.tx, seed=cfg.seed, use_ema=cfg.use_ema),
+            lambda p: init_train_state(p, self.tx, seed=self.config.seed, use_ema=self.ema),
             in_shardings=(self.state_shardings["params"],),
             out_shardings=self.state_shardings,
             donate_argnums=0,
@@ -199,6 +200,17 @@ class TrainProgram:
         """The task's modules holding ``params`` (trained) and ``frozen`` (every module's frozen weights)."""
         trained = {**self.untrained, **params}
         return {n: nnx.merge(self.graphdefs[n], trained[n], frozen[n], self.rest[n]) for n in self.graphdefs}
+
+    def target_models(self, ema_params: dict, frozen: dict) -> dict[str, nnx.Module]:
+        """The task's target networks (`target_decay`), ``<name>_target``: each trained module holding its EMA,
+        under stop-gradient; none for other tasks."""
+        if self.task.target_decay is None:
+            return {}
+        ema = jax.lax.stop_gradient(ema_params)
+        return {
+            f"{n}{TARGET_SUFFIX}": nnx.merge(self.graphdefs[n], ema[n], frozen[n], self.rest[n])
+            for n in self.task.trainable
+        }
 
     def eval_models(self, params: dict, frozen: dict) -> dict[str, nnx.Module]:
         """`models` for inference: no gradient checkpointing (nothing to rematerialise, and NNX cannot lift a
@@ -223,10 +235,13 @@ class TrainProgram:
             if jax.process_count() > 1:  # draws follow global positions, as on one process
                 randoms = jax.tree.map(lambda x: x[run.host_major_positions(rows, jax.process_count())], randoms)
 
+        targets = self.target_models(state["ema_params"], frozen) if self.ema else {}
+
         def loss_and_grad(params: dict, micro: tuple[dict, dict]) -> tuple[dict, dict]:
             micro_batch, micro_randoms = micro
             (loss, metrics), grads = jax.value_and_grad(
-                lambda p: self.task.loss(self.models(p, frozen), micro_batch, micro_randoms), has_aux=True
+                lambda p: self.task.loss({**self.models(p, frozen), **targets}, micro_batch, micro_randoms),
+                has_aux=True,
             )(params)
             return {**metrics, "loss": loss}, grads
 
@@ -234,8 +249,8 @@ class TrainProgram:
         values, grads = optim.accumulate_gradients(loss_and_grad, state["params"], micro)
         updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
         new = dict(state, params=optax.apply_updates(state["params"], updates), opt_state=opt_state, step=step + 1)
-        if cfg.use_ema:
-            decay = optim.ema_decay(
+        if self.ema:
+            decay = self.task.target_decay or optim.ema_decay(
                 step + 1,
                 max_decay=cfg.ema_decay or run.EMA_DEFAULT_DECAY,
                 use_warmup=cfg.ema_use_warmup,
@@ -387,7 +402,10 @@ class Trainer(TrainLoop):
 
         Every process takes part in gathering the weights; process 0 writes (and uploads) them while the others
         wait, so no process ends before the export is whole."""
-        export_trained(self.task, self._params_for_eval(), self.out, self.config.export_dtype, write=self.is_main)
+        targets = self.state["ema_params"] if self.task.target_decay is not None else None
+        export_trained(
+            self.task, self._params_for_eval(), self.out, self.config.export_dtype, targets=targets, write=self.is_main
+        )
         if self.is_main and self.config.push_to_hub:
             push_to_hub(
                 self.out,
@@ -435,15 +453,18 @@ class Trainer(TrainLoop):
         return decision
 
 
-def export_trained(task: JaxTask, params: dict, output_dir: Path, dtype: str, *, write: bool = True) -> None:
-    """Write the task's trained modules, holding ``params``, at ``output_dir``: a diffusers pipeline, or with LoRA
-    the adapters' ``pytorch_lora_weights.safetensors`` (float32; with --output_kohya_format the kohya file too, with
-    --merge_lora also the pipeline of the merged weights, which needs the task's modules to hold their base weights).
+def export_trained(
+    task: JaxTask, params: dict, output_dir: Path, dtype: str, *, targets: dict | None = None, write: bool = True
+) -> None:
+    """Write the task's trained modules, holding ``params``, at ``output_dir``: a diffusers pipeline (and the target
+    networks, holding ``targets``, as ``<name>_target/`` beside it), or with LoRA the adapters'
+    ``pytorch_lora_weights.safetensors`` (float32; with --output_kohya_format the kohya file too, with --merge_lora
+    also the pipeline of the merged weights, which needs the task's modules to hold their base weights).
 
     With several processes every one calls it (the parameters are gathered from all hosts) and only the one
     with ``write`` writes."""
     cfg = task.config
-    host_params = parallel.to_host(params)
+    host_params, host_targets = parallel.to_host((params, targets))
     merge = task.lora is not None and cfg.merge_lora
     base = parallel.to_host({n: nnx.state(m, nnx.Param) for n, m in task.trainable.items()}) if merge else None
     if not write:
@@ -459,9 +480,15 @@ def export_trained(task: JaxTask, params: dict, output_dir: Path, dtype: str, *,
         for name, module in components.items():
             nnx.update(module, base[name])
             merge_lora(module)
+    extras = {}
+    for name, module in task.trainable.items() if host_targets is not None else ():
+        extras[name + TARGET_SUFFIX] = target = nnx.clone(module)
+        nnx.update(target, host_targets[name])
     options = HubOptions.from_config(cfg)
     components.update(task.copied_components)
-    export_pipeline(output_dir, base_model=task.model_path, components=components, dtype=dtype, options=options)
+    export_pipeline(
+        output_dir, base_model=task.model_path, components=components, extras=extras, dtype=dtype, options=options
+    )
 
 
 def export_checkpoint(config: TrainConfig, checkpoint: Path, output_dir: Path, *, use_ema: bool, dtype: str) -> None:
@@ -474,7 +501,8 @@ def export_checkpoint(config: TrainConfig, checkpoint: Path, output_dir: Path, *
         state, _ = checkpointer.restore(int(checkpoint.name), program.abstract_state, directory=checkpoint.parent)
     if task.lora is not None and config.merge_lora:
         load_frozen(task, mesh)  # the base weights the adapters merge into
-    export_trained(task, state["ema_params" if use_ema else "params"], output_dir, dtype)
+    targets = state["ema_params"] if task.target_decay is not None else None
+    export_trained(task, state["ema_params" if use_ema else "params"], output_dir, dtype, targets=targets)
 
 
 def train(config: TrainConfig) -> None:

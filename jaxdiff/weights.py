@@ -221,8 +221,29 @@ class SafetensorsStateDict(Mapping[str, np.ndarray]):
         return tuple(self._where[key].get_slice(key).get_shape())
 
 
+class ExtendedStateDict(Mapping[str, np.ndarray]):
+    """A state dict with further tensors (e.g. a new layer's initial weights), the base one still read lazily."""
+
+    def __init__(self, base: Mapping[str, np.ndarray], extra: Mapping[str, np.ndarray]) -> None:
+        self._base, self._extra = base, extra
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        return self._extra[key] if key in self._extra else self._base[key]
+
+    def __iter__(self) -> Iterator[str]:
+        yield from self._extra
+        yield from (key for key in self._base if key not in self._extra)
+
+    def __len__(self) -> int:
+        return len(self._extra) + sum(key not in self._extra for key in self._base)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(np.shape(self._extra[key])) if key in self._extra else _shape(self._base, key)
+
+
 def _shape(state_dict: Mapping[str, Any], key: str) -> tuple[int, ...]:
-    return state_dict.shape(key) if isinstance(state_dict, SafetensorsStateDict) else tuple(np.shape(state_dict[key]))
+    lazy = isinstance(state_dict, SafetensorsStateDict | ExtendedStateDict)
+    return state_dict.shape(key) if lazy else tuple(np.shape(state_dict[key]))
 
 
 def read_state_dict(

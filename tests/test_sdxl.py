@@ -48,11 +48,11 @@ def test_conditioning_equals_the_diffusers_pipeline_and_script(tmp_path, tiny_sd
     np.testing.assert_allclose(np.asarray(text["text_embeds"]), pooled.numpy(), atol=1e-5)
 
     # Validation's unconditional half is what the pipeline uses without a negative prompt (zeros for SDXL base).
-    guided = task.guidance_text(models, ids)
+    uncond = task.unconditional_text(models, text)
     assert task.force_zeros_for_empty_prompt and not negative.any() and not negative_pooled.any()
-    np.testing.assert_array_equal(np.asarray(guided["encoder_hidden_states"][:3]), negative.numpy())
-    np.testing.assert_allclose(np.asarray(guided["encoder_hidden_states"][3:]), embeds.numpy(), atol=1e-5)
-    np.testing.assert_allclose(np.asarray(guided["text_embeds"][3:]), pooled.numpy(), atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(uncond["encoder_hidden_states"]), negative.numpy())
+    np.testing.assert_array_equal(np.asarray(uncond["text_embeds"]), negative_pooled.numpy())
+    guided = {k: np.concatenate([uncond[k], text[k]]) for k in text}
 
     # Time ids as the script's compute_time_ids: original size + crop top-left + (resolution, resolution).
     batch = {"original_size": np.array([[40, 48], [512, 300]]), "crop_top_left": np.array([[0, 3], [7, 0]])}

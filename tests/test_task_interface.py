@@ -45,15 +45,24 @@ def test_the_protocols_declare_the_interface():
 
 @pytest.mark.parametrize("backend", ["jax", "torch"])
 @pytest.mark.parametrize(
-    "name, model",
+    "name, model, lora",
     [
-        ("text_to_image", "tiny_sd_path"),
-        ("sdxl", "tiny_sdxl_path"),
-        ("dreambooth", "tiny_sd_path"),
-        ("dreambooth", "tiny_sdxl_path"),
+        *(
+            (name, model, lora)
+            for name, model in (
+                ("text_to_image", "tiny_sd_path"),
+                ("sdxl", "tiny_sdxl_path"),
+                ("dreambooth", "tiny_sd_path"),
+                ("dreambooth", "tiny_sdxl_path"),
+            )
+            for lora in (False, True)
+        ),
+        ("lcm", "tiny_sd_path", False),
+        ("lcm_sdxl", "tiny_sdxl_path", False),
+        ("lcm_lora", "tiny_sd_path", True),  # lcm_lora always trains adapters (rank 64 by default)
+        ("lcm_lora", "tiny_sdxl_path", True),
     ],
 )
-@pytest.mark.parametrize("lora", [False, True])
 def test_every_task_fits_the_interface(backend, name, model, lora, request, tmp_path, shapes_dataset):
     data = {"train_data_dir": str(shapes_dataset)}
     if name == "dreambooth":
@@ -66,7 +75,7 @@ def test_every_task_fits_the_interface(backend, name, model, lora, request, tmp_
         "output_dir": str(tmp_path / "unused"),
         "resolution": 32,
         "seed": 0,
-        **({"lora_rank": 4} if lora else {}),
+        **({"lora_rank": 4} if lora and name != "lcm_lora" else {}),
     }
     config = cli.resolve(cli.validate(values))
     if backend == "jax":

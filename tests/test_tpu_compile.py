@@ -86,6 +86,25 @@ def test_dreambooth_step_compiles_with_the_class_images_for_a_v4_8():
         assert dreambooth[key] == 2 * plain[key], key
 
 
+def test_lcm_step_compiles_with_teacher_and_target_forward_for_a_v4_8():
+    """LCM distillation: the student trains as the text-to-image UNet does; the teacher's guided call (2 x batch) and
+    the target network's (its EMA parameters, not trained) are three more UNet forwards, counted as frozen."""
+    pytest.importorskip("libtpu", reason='libtpu not installed (pip install -e ".[tpu]"): no TPU compiler')
+    rows = {}
+    for task in ("text_to_image", "lcm"):
+        command = [sys.executable, str(SCRIPT), "--model", "tiny", "--task", task, "--topology", "v4-8", "--json"]
+        command += ["--no-use_ema"] if task == "text_to_image" else []
+        done = subprocess.run(command, capture_output=True, text=True, env=os.environ, timeout=900)
+        assert done.returncode == 0, done.stderr[-3000:]
+        (rows[task],) = (json.loads(line) for line in done.stdout.splitlines())
+    plain, lcm = rows["text_to_image"], rows["lcm"]
+    assert lcm["task"] == "lcm" and lcm["fits"] and lcm["global_batch"] == plain["global_batch"]
+    unet = plain["model_flops_trained_forward"]
+    assert lcm["model_flops_trained_forward"] == pytest.approx(unet, rel=0.01)  # + the guidance projection
+    extra = lcm["model_flops_frozen_forward"] - plain["model_flops_frozen_forward"]
+    assert extra == pytest.approx(3 * unet, rel=0.02)  # + the text encoder's one row of ""
+
+
 def _flops_program(params, frozen, x, image):
     h = jax.checkpoint(lambda w, x: x @ w)(params["w"], x)  # (4, 8) @ (8, 16): trained
     gram = jax.jit(lambda x: x @ x.T)(x)  # (4, 8) @ (8, 4): frozen

@@ -1,4 +1,5 @@
-"""Training-side diffusion math in torch, with jaxdiff.diffusion's semantics (tested equal to it).
+"""Training-side diffusion math in torch, with jaxdiff.diffusion's semantics (tested equal to it), and
+the pieces of LCM distillation's objective.
 
 The noise schedule itself (add_noise, velocity, SNR) is diffusers' ``DDPMScheduler`` and ``compute_snr``; only what
 diffusers' scripts compute inline is here.
@@ -7,6 +8,8 @@ diffusers' scripts compute inline is here.
 import torch
 from diffusers import DDPMScheduler
 from diffusers.training_utils import compute_snr
+
+from jaxdiff.diffusion.lcm import guidance_frequencies
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
@@ -57,3 +60,32 @@ def snr_weighted_mean(
         snr = compute_snr(scheduler, timesteps).float()
         losses = losses * min_snr_loss_weights(snr, snr_gamma, scheduler.config.prediction_type)
     return losses.mean()
+
+
+def predicted_x0_and_noise(
+    scheduler: DDPMScheduler, output: torch.Tensor, timesteps: torch.Tensor, sample: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The x_0 and the noise a model output at ``timesteps`` (B,) predicts for the scheduler's prediction_type."""
+    alpha_bar = scheduler.alphas_cumprod.to(sample.device)[timesteps].float().reshape(-1, *(1,) * (sample.ndim - 1))
+    alpha, sigma = alpha_bar.sqrt(), (1.0 - alpha_bar).sqrt()
+    prediction_type = scheduler.config.prediction_type
+    if prediction_type == "epsilon":
+        return (sample - sigma * output) / alpha, output
+    if prediction_type == "v_prediction":
+        return alpha * sample - sigma * output, alpha * output + sigma * sample
+    return output, (sample - alpha * output) / sigma
+
+
+def boundary_scalings(
+    timesteps: torch.Tensor, timestep_scaling: float, sigma_data: float = 0.5
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """LCM's c_skip and c_out at ``timesteps`` (B,): c_skip(0) = 1 and c_out(0) = 0."""
+    scaled = timestep_scaling * timesteps.float()
+    return sigma_data**2 / (scaled**2 + sigma_data**2), scaled / (scaled**2 + sigma_data**2) ** 0.5
+
+
+def guidance_scale_embedding(w: torch.Tensor, embedding_dim: int) -> torch.Tensor:
+    """The sinusoidal embedding (B, dim) of guidance scales ``w`` (B,), with jaxdiff's shared frequencies."""
+    freqs = torch.from_numpy(guidance_frequencies(embedding_dim)).to(w.device)
+    args = (w.float() * 1000.0)[:, None] * freqs[None, :]
+    return torch.nn.functional.pad(torch.cat([torch.sin(args), torch.cos(args)], dim=1), (0, embedding_dim % 2))

@@ -2,17 +2,19 @@
 
 Adapters are peft's (``inject_adapter_in_model``) on the layers the settings' targets name, float32 whatever the
 base weights' dtype, starting from ``adapters.initial_lora_a`` (keyed by the run's seed and the module's file key,
-so both backends start from the same numbers) and a zero ``lora_B``. Their file is written by
-``adapters.save_lora_file``, the JAX backend's writer.
+so both backends start from the same numbers) and a zero ``lora_B``, on Linear and Conv2d layers alike. Their file
+is written by ``adapters.save_lora_file``, the JAX backend's writer.
 """
 
-from collections.abc import Mapping
+import contextlib
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
 import torch
 from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
 from peft.tuners.lora import LoraLayer
+from peft.tuners.tuners_utils import BaseTunerLayer
 
 from jaxdiff.adapters import LoRASettings, initial_lora_a, save_lora_file
 
@@ -40,7 +42,7 @@ def add_lora(model: torch.nn.Module, settings: LoRASettings, prefix: str, *, see
             if not isinstance(layer, LoraLayer):
                 continue
             down, up = layer.lora_A["default"], layer.lora_B["default"]
-            a = initial_lora_a(seed, f"{prefix}.{name}", down.in_features, settings.rank)
+            a = initial_lora_a(seed, f"{prefix}.{name}", tuple(down.weight.shape))  # (rank, in[, kh, kw])
             down.float().weight.copy_(torch.from_numpy(a))
             up.float().weight.zero_()
             names.append(name)
@@ -74,3 +76,21 @@ def merge_lora(model: torch.nn.Module) -> None:
             layer.merge(safe_merge=True)
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent), child, layer.get_base_layer())
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """Inside, every peft adapter of ``model`` is off (peft's ``enable_adapters(False)``): it computes its base model,
+    e.g. LCM-LoRA's teacher, without a second copy in memory. Afterwards the adapters that were on are on again and
+    every parameter's ``requires_grad`` is what it was (peft's ``enable_adapters(True)`` would make them trainable)."""
+    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer) and not m.disable_adapters]
+    requires_grad = [(p, p.requires_grad) for p in model.parameters()]
+    for layer in layers:
+        layer.enable_adapters(False)
+    try:
+        yield model
+    finally:
+        for layer in layers:
+            layer.enable_adapters(True)
+        for parameter, flag in requires_grad:
+            parameter.requires_grad_(flag)

@@ -7,6 +7,7 @@ at ``output_dir``. Everything task-specific comes from the task plug-in (``torch
 """
 
 import contextlib
+import copy
 import logging
 import math
 from collections.abc import Iterable, Iterator
@@ -30,6 +31,7 @@ from jaxdiff.loop import Pending, TrainLoop
 from jaxdiff.metrics import MetricsLogger
 from jaxdiff.optim import scaled_learning_rate
 from jaxdiff.publish import check_hub_access, export_pipeline, push_to_hub
+from jaxdiff.tasks.base import TARGET_SUFFIX
 from torch_backend.checkpoint import TorchCheckpointer
 from torch_backend.lora import merge_lora, save_lora_weights
 from torch_backend.tasks import TASKS, TorchTask
@@ -162,8 +164,9 @@ class Trainer(TrainLoop):
         )
         self.max_steps = run.max_train_steps(config, self.data.samples_per_epoch, self.samples_per_step)
 
-        # Optimizer, schedule (diffusers' curves, equal to jaxdiff.optim.lr_schedule) and EMA.
+        # Optimizer, schedule (diffusers' curves, equal to jaxdiff.optim.lr_schedule), EMA and target networks.
         names = list(self.task.trainable)
+        self.targets = target_networks(self.task)
         self.params = trained_parameters(self.task)
         optimizer = make_optimizer(config, self.params, num_processes=acc.num_processes)
         lr_scheduler = get_scheduler(
@@ -178,7 +181,7 @@ class Trainer(TrainLoop):
             *self.task.trainable.values(), optimizer, lr_scheduler
         )
         self.trained = dict(zip(names, modules, strict=True))
-        self.models = {**self.task.frozen, **self.trained}
+        self.models = {**self.task.frozen, **self.trained, **self.targets}
         self.ema = None
         if config.use_ema:
             self.ema = EMAModel(
@@ -189,6 +192,8 @@ class Trainer(TrainLoop):
                 power=config.ema_power,
             )
             acc.register_for_checkpointing(self.ema)
+        for target in self.targets.values():
+            acc.register_for_checkpointing(target)
 
         # Checkpoints, and the position to continue from (accelerate restores models, optimizer and EMA).
         self.checkpointer = TorchCheckpointer(
@@ -264,8 +269,19 @@ class Trainer(TrainLoop):
         self.optimizer.zero_grad(set_to_none=True)
         if self.ema is not None:
             self.ema.step(self.params)
+        self.update_targets()
         means = {name: total / self.accum for name, total in sums.items()}
         return {**means, "grad_norm": grad_norm.detach().float(), "lr": lr}
+
+    @torch.no_grad()
+    def update_targets(self) -> None:
+        """One EMA step of each target network towards its trained module, ``ema - (1 - decay) (ema - params)``
+        (jaxdiff.optim.ema_update's formula)."""
+        rate = 1.0 - (self.task.target_decay or 0.0)
+        for name, target in self.targets.items():
+            source = self.accelerator.unwrap_model(self.trained[name.removesuffix(TARGET_SUFFIX)])
+            for ema, param in zip(target.parameters(), source.parameters(), strict=True):
+                ema.sub_(ema - param, alpha=rate)
 
     # ---- validation and export ---------------------------------------------------------------------------
 
@@ -305,7 +321,8 @@ class Trainer(TrainLoop):
         acc.wait_for_everyone()
         if acc.is_main_process:
             with self.eval_weights() as models:
-                export_trained(self.task, {name: models[name] for name in self.trained}, self.out, cfg.export_dtype)
+                trained = {name: models[name] for name in self.trained}
+                export_trained(self.task, trained, self.out, cfg.export_dtype, targets=self.targets)
             if cfg.push_to_hub:
                 push_to_hub(self.out, cfg.hub_model_id, token=cfg.hub_token, ignore=run.hub_ignore(cfg))
         acc.wait_for_everyone()
@@ -345,11 +362,25 @@ def trained_parameters(task: TorchTask) -> list[torch.nn.Parameter]:
     return [p for m in task.trainable.values() for p in m.parameters() if p.requires_grad]
 
 
-def export_trained(task: TorchTask, trained: dict[str, torch.nn.Module], output_dir: Path, dtype: str) -> None:
+def target_networks(task: TorchTask) -> dict[str, torch.nn.Module]:
+    """The task's target networks (`target_decay`, LCM's): a frozen copy of each trained module, ``<name>_target``,
+    which the loss reads and `Trainer.update_targets` moves; none for other tasks."""
+    if task.target_decay is None:
+        return {}
+    return {f"{n}{TARGET_SUFFIX}": copy.deepcopy(m).requires_grad_(False) for n, m in task.trainable.items()}
+
+
+def export_trained(
+    task: TorchTask,
+    trained: dict[str, torch.nn.Module],
+    output_dir: Path,
+    dtype: str,
+    targets: dict[str, torch.nn.Module] | None = None,
+) -> None:
     """The trained (unwrapped) modules at ``output_dir``: a diffusers pipeline (trained components written, the
-    rest copied through), or with LoRA the adapters' ``pytorch_lora_weights.safetensors`` (with
-    --output_kohya_format the kohya file too, with --merge_lora also the pipeline of the merged weights; merging
-    leaves the modules merged)."""
+    rest copied through, the ``targets`` networks beside it as ``<name>_target/``), or with LoRA the adapters'
+    ``pytorch_lora_weights.safetensors`` (with --output_kohya_format the kohya file too, with --merge_lora also the
+    pipeline of the merged weights; merging leaves the modules merged)."""
     cfg = task.config
     if task.lora is not None:
         save_lora_weights(output_dir, trained, task.lora, kohya=cfg.output_kohya_format)
@@ -359,7 +390,9 @@ def export_trained(task: TorchTask, trained: dict[str, torch.nn.Module], output_
             merge_lora(module)
     components = trained | task.copied_components
     options = HubOptions.from_config(cfg)
-    export_pipeline(output_dir, base_model=task.model_path, components=components, dtype=dtype, options=options)
+    export_pipeline(
+        output_dir, base_model=task.model_path, components=components, extras=targets, dtype=dtype, options=options
+    )
 
 
 def export_checkpoint(config: TrainConfig, checkpoint: Path, output_dir: Path, *, use_ema: bool, dtype: str) -> None:
@@ -372,11 +405,14 @@ def export_checkpoint(config: TrainConfig, checkpoint: Path, output_dir: Path, *
     ema = EMAModel(params) if config.use_ema else None
     if ema is not None:
         accelerator.register_for_checkpointing(ema)
+    targets = target_networks(task)
+    for target in targets.values():
+        accelerator.register_for_checkpointing(target)
     accelerator.load_state(str(checkpoint), strict=task.lora is None)  # LoRA checkpoints hold adapters only
     if use_ema:
         ema.copy_to(params)
     trained = {name: accelerator.unwrap_model(m) for name, m in zip(task.trainable, modules, strict=True)}
-    export_trained(task, trained, output_dir, dtype)
+    export_trained(task, trained, output_dir, dtype, targets)
 
 
 def train(config: TrainConfig) -> None:

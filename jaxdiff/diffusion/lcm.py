@@ -7,6 +7,8 @@ previous point of a skipping-step DDIM grid, reached from x_t by one teacher DDI
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -25,16 +27,23 @@ def scalings_for_boundary_conditions(
     return c_skip, c_out
 
 
+def guidance_frequencies(embedding_dim: int) -> np.ndarray:
+    """The guidance embedding's frequencies exp(-ln(10000) k / (half - 1)), k < half, computed in float64 and rounded
+    to float32 once: the arguments 1000 w f reach 1.5e4, where a 1-ulp difference of a float32 exp moves sin by 1e-3,
+    so both backends take these same numbers."""
+    half_dim = embedding_dim // 2
+    return np.exp(np.arange(half_dim) * -(np.log(10000.0) / (half_dim - 1))).astype(np.float32)
+
+
 def guidance_scale_embedding(w: jax.Array, embedding_dim: int = 512, dtype: jnp.dtype = jnp.float32) -> jax.Array:
     """Sinusoidal embedding of guidance scales `w` (shape (B,)) for the UNet's `timestep_cond`, shape (B, dim).
 
-    Same frequencies as the timestep embedding, applied to 1000 * w, sin half first; zero-padded when dim is odd.
+    Same frequencies as the timestep embedding (`guidance_frequencies`), applied to 1000 * w, sin half first;
+    zero-padded when dim is odd.
     """
     if jnp.ndim(w) != 1:
         raise ValueError(f"guidance_scale_embedding expects w of shape (B,), got {jnp.shape(w)}")
-    half_dim = embedding_dim // 2
-    exponent = jnp.log(jnp.asarray(10000.0, dtype)) / (half_dim - 1)
-    freqs = jnp.exp(jnp.arange(half_dim, dtype=dtype) * -exponent)
+    freqs = jnp.asarray(guidance_frequencies(embedding_dim), dtype)
     args = (jnp.asarray(w) * 1000.0).astype(dtype)[:, None] * freqs[None, :]
     emb = jnp.concatenate([jnp.sin(args), jnp.cos(args)], axis=1)
     return jnp.pad(emb, ((0, 0), (0, embedding_dim % 2)))
@@ -105,3 +114,36 @@ def lcm_origin_timesteps(num_train_timesteps: int, num_steps: int) -> np.ndarray
             f"number of LCM grid steps {num_steps} must be in [1, num_train_timesteps={num_train_timesteps}]"
         )
     return np.arange(1, num_steps + 1) * (num_train_timesteps // num_steps) - 1
+
+
+#: diffusers' LCMScheduler options and their defaults (what an LCM export's scheduler_config.json spells out).
+LCM_SCHEDULER_DEFAULTS: dict[str, Any] = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "trained_betas": None,
+    "original_inference_steps": 50,
+    "clip_sample": False,
+    "clip_sample_range": 1.0,
+    "set_alpha_to_one": True,
+    "steps_offset": 0,
+    "prediction_type": "epsilon",
+    "thresholding": False,
+    "dynamic_thresholding_ratio": 0.995,
+    "sample_max_value": 1.0,
+    "timestep_spacing": "leading",
+    "timestep_scaling": 10.0,
+    "rescale_betas_zero_snr": False,
+}
+
+
+def lcm_scheduler_config(
+    base: Mapping[str, Any], *, original_inference_steps: int, timestep_scaling: float
+) -> dict[str, Any]:
+    """The LCMScheduler config of a student distilled from a pipeline whose scheduler config is ``base``: its noise
+    schedule and prediction type, the distillation's DDIM grid (``original_inference_steps`` = num_ddim_timesteps)
+    and boundary scaling, every other option at LCMScheduler's default; all written out, so each backend reads the
+    same values."""
+    config = {key: base.get(key, default) for key, default in LCM_SCHEDULER_DEFAULTS.items()}
+    return config | {"original_inference_steps": original_inference_steps, "timestep_scaling": timestep_scaling}

@@ -60,12 +60,15 @@ class PretrainedWeights:
     weights_name: str
     variant: str | None = None
     allow_pickle: bool = False
+    #: Tensors the files lack, by torch name (a layer the model adds to the pretrained one, e.g. LCM's cond_proj).
+    extra: Mapping[str, np.ndarray] = dataclasses.field(default_factory=dict)
 
     def state_dict(self) -> Mapping[str, np.ndarray]:
-        """The torch-named tensors, read lazily from safetensors (see `weights.read_state_dict`)."""
-        return weights.read_state_dict(
+        """The torch-named tensors, read lazily from safetensors (see `weights.read_state_dict`), and `extra`."""
+        files = weights.read_state_dict(
             self.folder, self.weights_name, variant=self.variant, allow_pickle=self.allow_pickle
         )
+        return weights.ExtendedStateDict(files, self.extra) if self.extra else files
 
     def load_into(self, model: nnx.Module, shardings: Any = None) -> None:
         """Fills ``model``'s parameters (abstract or not) in place, tensor by tensor.
@@ -171,20 +174,22 @@ class PretrainedModel(nnx.Module):
         param_dtype: DTypeLike = jnp.float32,
         variant: str | None = None,
         allow_pickle: bool = False,
+        config_updates: Mapping[str, Any] | None = None,
         **kwargs: Any,
     ) -> tuple[Self, "PretrainedWeights"]:
         """The model of a folder's ``config.json`` built abstractly (no memory), and where its weights are.
 
         ``dtype`` computes, ``param_dtype`` stores (parameters are cast to it on loading); ``variant`` picks e.g.
         ``*.fp16.safetensors``; pickled ``.bin`` weights are read only with ``allow_pickle``; other keyword
-        arguments go to the constructor.
+        arguments go to the constructor. ``config_updates`` change the folder's config (the weights must still fit,
+        with `PretrainedWeights.extra` for what they lack).
 
         `PretrainedWeights.load_into` fills it later, e.g. once its parameters carry their shardings. Only configs
         are read: a folder of configs alone is enough (``benchmarks/tpu_compile.py`` compiles from one).
         """
         options = hub.HubOptions(variant=variant, allow_pickle=allow_pickle)
         folder = hub.resolve_model(path, subfolder, cls.weights_name, options)
-        config = cls._config(weights.read_config(folder))
+        config = cls._config({**weights.read_config(folder), **(config_updates or {})})
         weights_file = PretrainedWeights(folder, cls.weights_name, variant, allow_pickle)
 
         def build(rngs: nnx.Rngs) -> Self:

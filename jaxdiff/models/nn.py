@@ -6,7 +6,7 @@ never see a mesh. Variables are not sharded eagerly at creation, so models build
 """
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Literal
 
 import flax
@@ -41,27 +41,37 @@ class LoRAParam(nnx.Variable):
 
 
 class LoRA(nnx.Module):
-    """The low-rank update ``dropout(x) @ down @ up * alpha / rank`` of one Linear: peft's ``lora_A`` is ``down``
-    transposed, ``lora_B`` is ``up`` transposed (``jaxdiff.models.lora.add_lora`` gives them peft's starting
-    values). The inputs are dropped (at ``dropout``) only inside `lora_dropout`, i.e. while training."""
+    """The low-rank update of one Linear or Conv, peft's ``lora_B(lora_A(dropout(x))) * alpha / rank``.
+
+    Linear: ``x @ down @ up``, ``down`` (in, rank) and ``up`` (rank, out) being peft's ``lora_A``/``lora_B`` weights
+    transposed. Conv: ``down`` (kh, kw, in, rank) is a convolution with the layer's strides and padding (``lora_A``
+    (rank, in, kh, kw) as HWIO), ``up`` (rank, out) a 1x1 convolution (``lora_B`` (out, rank, 1, 1)).
+    ``jaxdiff.models.lora.add_lora`` gives them peft's starting values. The inputs are dropped (at ``dropout``) only
+    inside `lora_dropout`, i.e. while training; inside `lora_disabled` the layers do not call their adapters.
+    """
 
     def __init__(self, down: Any, up: Any, *, alpha: float, dropout: float = 0.0, stream: int = 0) -> None:
-        """``down`` (in, rank) and ``up`` (rank, out): arrays, or ``jax.ShapeDtypeStruct`` for an abstract model;
-        ``stream`` tells this layer's dropout masks from the other layers'."""
-        self.rank, self.alpha, self.dropout, self.stream = down.shape[1], float(alpha), float(dropout), stream
-        self.down = LoRAParam(down, out_sharding=("in", None))
+        """``down`` (in, rank) or (kh, kw, in, rank) and ``up`` (rank, out): arrays, or ``jax.ShapeDtypeStruct``
+        for an abstract model; ``stream`` tells this layer's dropout masks from the other layers'."""
+        self.rank, self.alpha, self.dropout, self.stream = down.shape[-1], float(alpha), float(dropout), stream
+        self.down = LoRAParam(down, out_sharding=(*(None,) * (len(down.shape) - 2), "in", None))
         self.up = LoRAParam(up, out_sharding=(None, "out"))
 
-    def __call__(self, rows: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, down: Callable[[jax.Array, jax.Array], jax.Array] | None = None) -> jax.Array:
+        """The update for ``x``: (rows, in) for a Linear; for a Conv NHWC, with ``down(x, kernel)`` the layer's
+        convolution by the down kernel. Computed in ``x``'s dtype."""
         key = _LORA_DROPOUT_KEYS[-1] if _LORA_DROPOUT_KEYS else None
         if self.dropout and key is not None:
-            keep = jax.random.bernoulli(jax.random.fold_in(key, self.stream), 1.0 - self.dropout, rows.shape)
-            rows = jnp.where(keep, rows / (1.0 - self.dropout), 0).astype(rows.dtype)
-        down, up = self.down.get_value().astype(rows.dtype), self.up.get_value().astype(rows.dtype)
-        return (rows @ down) @ up * jnp.asarray(self.alpha / self.rank, rows.dtype)
+            keep = jax.random.bernoulli(jax.random.fold_in(key, self.stream), 1.0 - self.dropout, x.shape)
+            x = jnp.where(keep, x / (1.0 - self.dropout), 0).astype(x.dtype)
+        down_kernel, up = self.down.get_value().astype(x.dtype), self.up.get_value().astype(x.dtype)
+        hidden = x @ down_kernel if down is None else down(x, down_kernel)
+        rows = hidden.reshape(-1, self.rank)  # a 1x1 convolution as one 2-D matmul
+        return (rows @ up * jnp.asarray(self.alpha / self.rank, x.dtype)).reshape(*hidden.shape[:-1], -1)
 
 
 _LORA_DROPOUT_KEYS: list[jax.Array] = []
+_LORA_DISABLED: list[bool] = []
 
 
 @contextlib.contextmanager
@@ -73,6 +83,25 @@ def lora_dropout(key: jax.Array) -> Iterator[None]:
         yield
     finally:
         _LORA_DROPOUT_KEYS.pop()
+
+
+@contextlib.contextmanager
+def lora_disabled() -> Iterator[None]:
+    """Inside, every LoRA adapter adds nothing: an adapted model computes its base model (LCM-LoRA's teacher).
+
+    A Python flag read when the model runs or is traced: enter it inside the jitted function (a compiled function
+    keeps what its trace saw).
+    """
+    _LORA_DISABLED.append(True)
+    try:
+        yield
+    finally:
+        _LORA_DISABLED.pop()
+
+
+def _adapter(lora: LoRA | None) -> LoRA | None:
+    """``lora``, or None inside `lora_disabled`."""
+    return None if _LORA_DISABLED else lora
 
 
 class Linear(nnx.Linear):
@@ -90,8 +119,8 @@ class Linear(nnx.Linear):
     def __call__(self, inputs: jax.Array) -> jax.Array:
         rows = inputs.reshape(-1, inputs.shape[-1])
         out = super().__call__(rows)
-        if self.lora is not None:
-            out = out + self.lora(rows.astype(out.dtype))
+        if (lora := _adapter(self.lora)) is not None:
+            out = out + lora(rows.astype(out.dtype))
         return out.reshape(*inputs.shape[:-1], -1)
 
 
@@ -117,6 +146,35 @@ def linear(
     )
 
 
+_NHWC = ("NHWC", "HWIO", "NHWC")
+
+
+class Conv(nnx.Conv):
+    """``nnx.Conv`` (NHWC, HWIO kernel) with a ``lora`` slot like `Linear`'s: when set
+    (``jaxdiff.models.lora.add_lora``) its down kernel is convolved with this layer's strides and padding (peft's conv
+    ``lora_A``), then its up matrix applied per pixel (peft's 1x1 ``lora_B``), and the result added to the output."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.lora: LoRA | None = nnx.data(None)
+
+    def __call__(self, inputs: jax.Array) -> jax.Array:
+        out = super().__call__(inputs)
+        if (lora := _adapter(self.lora)) is not None:
+            out = out + lora(inputs.astype(out.dtype), self._convolve)
+        return out
+
+    def _convolve(self, x: jax.Array, kernel: jax.Array) -> jax.Array:
+        """NHWC ``x`` convolved with ``kernel`` (kh, kw, in, any) as this layer convolves (strides, padding, and its
+        convolution hook: a 1x1 one keeps its one-matmul kernel gradient)."""
+        strides, padding = self.strides, self.padding
+        strides = (strides, strides) if isinstance(strides, int) else tuple(strides)
+        if isinstance(padding, int):
+            padding = ((padding, padding), (padding, padding))
+        padding = padding if isinstance(padding, str) else tuple(map(tuple, padding))
+        return self.conv_general_dilated(x, kernel, strides, padding, dimension_numbers=_NHWC)
+
+
 def conv(
     in_features: int,
     out_features: int,
@@ -128,8 +186,9 @@ def conv(
     dtype: DTypeLike | None = None,
     param_dtype: DTypeLike = jnp.float32,
     rngs: nnx.Rngs,
-) -> nnx.Conv:
-    """A 2-D convolution on NHWC inputs; kernel is HWIO (torch's OIHW weight, permuted).
+) -> Conv:
+    """A 2-D convolution on NHWC inputs (a `Conv`, so it can hold a LoRA adapter); kernel is HWIO (torch's OIHW
+    weight, permuted).
 
     ``padding`` is torch's: an int pads both sides of both spatial dims. A 1x1 convolution (stride 1, no padding)
     is `pointwise_conv`: the same forward, its weight gradient one matmul.
@@ -137,7 +196,7 @@ def conv(
     pointwise = kernel_size == 1 and stride == 1 and padding == 0
     if isinstance(padding, int):
         padding = ((padding, padding), (padding, padding))
-    return nnx.Conv(
+    return Conv(
         in_features,
         out_features,
         (kernel_size, kernel_size),
@@ -151,9 +210,6 @@ def conv(
         conv_general_dilated=_pointwise_conv_general_dilated if pointwise else jax.lax.conv_general_dilated,
         rngs=rngs,
     )
-
-
-_NHWC = ("NHWC", "HWIO", "NHWC")
 
 
 def _conv_1x1(x: jax.Array, kernel: jax.Array) -> jax.Array:

@@ -15,6 +15,9 @@ from jaxdiff.adapters import LoRASettings
 from jaxdiff.config import TrainConfig
 from jaxdiff.data.dreambooth import ClassImageRequest
 
+#: A target network's model name: its trained module's with this suffix (``unet_target``, as diffusers saves it).
+TARGET_SUFFIX = "_target"
+
 Batch = dict[str, Any]
 
 
@@ -40,6 +43,13 @@ class Task(Protocol):
     @property
     def frozen(self) -> dict[str, Any]:
         """Modules the loss uses but never updates (the VAE, text encoders that do not train)."""
+        ...
+
+    @property
+    def target_decay(self) -> float | None:
+        """The decay of the task's target network, or None: an EMA of the `trainable` modules, updated after every
+        optimizer step, checkpointed and sharded like them, that the loss reads as ``<name>_target`` modules of its
+        ``models`` (LCM's) and the export writes beside the pipeline (``unet_target/``)."""
         ...
 
     @property

@@ -9,9 +9,8 @@ also logged. The class images missing from --class_data_dir are sampled by this 
 import jax
 import jax.numpy as jnp
 
-from jaxdiff.config import TrainConfig
 from jaxdiff.data.dreambooth import CLASS_PREFIX
-from jaxdiff.objective import DreamBoothRoles, is_sdxl_pipeline
+from jaxdiff.objective import DreamBoothRoles, by_pipeline_kind
 from jaxdiff.tasks.sdxl import SDXL
 from jaxdiff.tasks.text_to_image import Batch, Models, TextToImage
 
@@ -54,6 +53,5 @@ class DreamBoothSDXL(DreamBoothLoss, SDXL):
     """DreamBooth on an SDXL pipeline (two text encoders, size conditioning of every image)."""
 
 
-def dreambooth(config: TrainConfig) -> DreamBooth | DreamBoothSDXL:
-    """The DreamBooth task of --pretrained_model_name_or_path's kind: SDXL or SD."""
-    return (DreamBoothSDXL if is_sdxl_pipeline(config) else DreamBooth)(config)
+#: The task's constructor: the DreamBooth class of --pretrained_model_name_or_path's kind, SDXL or SD.
+dreambooth = by_pipeline_kind(sd=DreamBooth, sdxl=DreamBoothSDXL)

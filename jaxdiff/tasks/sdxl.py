@@ -56,13 +56,12 @@ class SDXL(SDXLRoles, TextToImage):
             "added_cond_kwargs": {"text_embeds": text["text_embeds"], "time_ids": time_ids},
         }
 
-    def guidance_text(self, models: Models, prompt_ids: Batch) -> Batch:
-        """[unconditional; prompts] as StableDiffusionXLPipeline builds it without a negative prompt: zeros when the
-        pipeline sets `force_zeros_for_empty_prompt`, else the encoding of ""."""
+    def unconditional_text(self, models: Models, text: Batch) -> Batch:
+        """What StableDiffusionXLPipeline uses without a negative prompt: zeros when the pipeline sets
+        `force_zeros_for_empty_prompt` (LCM-SDXL distillation's unconditional input too), else the encoding of ""."""
         if not self.force_zeros_for_empty_prompt:
-            return super().guidance_text(models, prompt_ids)
-        text = self.encode_prompt(models, prompt_ids)
-        return {k: jnp.concatenate([jnp.zeros_like(v), v]) for k, v in text.items()}
+            return super().unconditional_text(models, text)
+        return {k: jnp.zeros_like(v) for k, v in text.items()}
 
     def sampling_batch(self, rows: int) -> Batch:
         """Generated images' size conditioning, as the pipeline's defaults: uncropped, at the training size."""

@@ -8,6 +8,7 @@ import functools
 import json
 import logging
 from contextlib import nullcontext
+from pathlib import Path
 from typing import Any, ClassVar
 
 import jax
@@ -69,9 +70,8 @@ class TextToImage(TextToImageRoles):
         # Trained weights are float32 (trained text encoders remat with the UNet); frozen ones, LoRA's base weights
         # included, are stored in the compute dtype; adapters are float32.
         trained_dtype = compute if self.lora else jnp.float32
-        self.unet, self.pretrained["unet"] = UNet2DConditionModel.abstract_from_pretrained(
+        self.unet, self.pretrained["unet"] = self.load_unet(
             root,
-            "unet",
             dtype=compute,
             param_dtype=trained_dtype,
             gradient_checkpointing=config.gradient_checkpointing,
@@ -120,6 +120,11 @@ class TextToImage(TextToImageRoles):
             len(self.vae.config.block_out_channels),
             len(self.unet.config.block_out_channels),
         )
+
+    def load_unet(self, root: Path, **kwargs: Any) -> tuple[UNet2DConditionModel, PretrainedWeights]:
+        """The trained UNet built abstractly from the pipeline's ``unet/`` (`abstract_from_pretrained`'s keyword
+        arguments), and where its weights are."""
+        return UNet2DConditionModel.abstract_from_pretrained(root, "unet", **kwargs)
 
     @functools.cached_property
     def tokenizers(self) -> tuple[CLIPTokenizer, ...]:
@@ -173,9 +178,13 @@ class TextToImage(TextToImageRoles):
             "timesteps": timesteps,
             "latent_eps": jax.random.normal(keys[4], shape),
         }
-        if self.lora and self.lora.dropout:  # one seed per row; a micro-batch's masks come from its first row's
-            draws["dropout_seed"] = jax.random.randint(jax.random.fold_in(rng, 5), (batch_size,), 0, 2**31 - 1)
-        return draws
+        return {**draws, **self.draw_dropout_seeds(rng, batch_size)}
+
+    def draw_dropout_seeds(self, rng: jax.Array, batch_size: int) -> Batch:
+        """With LoRA dropout one seed per row (a micro-batch's masks come from its first row's); else nothing."""
+        if not (self.lora and self.lora.dropout):
+            return {}
+        return {"dropout_seed": jax.random.randint(jax.random.fold_in(rng, 5), (batch_size,), 0, 2**31 - 1)}
 
     def encode_images(self, pixel_values: np.ndarray) -> tuple[jax.Array, jax.Array]:
         """(mean, logvar) of the frozen VAE's latent distribution, for the latent cache."""
@@ -250,30 +259,42 @@ class TextToImage(TextToImageRoles):
         """Token ids per tokenizer (`input_ids`, ...), each (len(prompts), max_length), padded as in training."""
         return tokenize(self.tokenizers, prompts)
 
-    def guidance_text(self, models: Models, prompt_ids: Batch) -> Batch:
-        """The text conditioning of the doubled sampling batch [unconditional; prompts]: the unconditional half is
-        the encoding of "", as diffusers' StableDiffusionPipeline does without a negative prompt."""
-        uncond = {k: np.broadcast_to(v, prompt_ids[k].shape) for k, v in self.tokenize([""]).items()}
-        return self.encode_prompt(models, {k: jnp.concatenate([uncond[k], prompt_ids[k]]) for k in prompt_ids})
+    def unconditional_text(self, models: Models, text: Batch) -> Batch:
+        """The unconditional counterpart of ``text`` (rows of `encode_prompt`'s outputs): the encoding of "", as
+        diffusers' StableDiffusionPipeline uses without a negative prompt."""
+        empty = self.encode_prompt(models, {k: jnp.asarray(v) for k, v in self.tokenize([""]).items()})
+        return {k: jnp.broadcast_to(empty[k], text[k].shape).astype(text[k].dtype) for k in text}
 
     def sampling_batch(self, rows: int) -> Batch:
         """What `unet_conditioning` reads from the batch besides text, for ``rows`` generated images: nothing."""
         return {}
 
-    def sample(self, models: Models, prompt_ids: Batch, rng: jax.Array) -> jax.Array:
-        """Images (B, H, W, 3) in [0, 1] for prompt token ids (`tokenize`'s, B each), from DDIM with classifier-free
-        guidance."""
-        cfg = self.config
-        batch = prompt_ids["input_ids"].shape[0]
-        conditioning = self.unet_conditioning(self.guidance_text(models, prompt_ids), self.sampling_batch(2 * batch))
-        unet = models["unet"]
+    def sampling_model(self, models: Models, prompt_ids: Batch) -> diffusion.ModelFn:
+        """The denoiser the sampler calls for tokenized prompts: with classifier-free guidance at the validation
+        guidance scale when it is above 1 (as diffusers' pipelines), over the batch [unconditional; prompts]."""
+        scale = self.config.validation_guidance_scale
+        unet, text = models["unet"], self.encode_prompt(models, prompt_ids)
+        rows = prompt_ids["input_ids"].shape[0]
+        if scale > 1:
+            uncond = self.unconditional_text(models, text)
+            text, rows = {k: jnp.concatenate([uncond[k], text[k]]) for k in text}, 2 * rows
+        conditioning = self.unet_conditioning(text, self.sampling_batch(rows))
 
         def model_fn(x: jax.Array, t: jax.Array) -> jax.Array:
             return unet(x, t, **conditioning).sample.astype(jnp.float32)
 
-        guided = diffusion.classifier_free_guidance(model_fn, cfg.validation_guidance_scale)
+        return diffusion.classifier_free_guidance(model_fn, scale) if scale > 1 else model_fn
+
+    def denoise(self, model_fn: diffusion.ModelFn, noise: jax.Array, rng: jax.Array) -> jax.Array:
+        """The validation sampler from unit-Gaussian latents: DDIM, --validation_num_inference_steps."""
+        return diffusion.ddim_sample(self.schedule, model_fn, noise, self.config.validation_num_inference_steps)
+
+    def sample(self, models: Models, prompt_ids: Batch, rng: jax.Array) -> jax.Array:
+        """Images (B, H, W, 3) in [0, 1] for prompt token ids (`tokenize`'s, B each), from the task's sampler
+        (`denoise`) and denoiser (`sampling_model`)."""
+        batch = prompt_ids["input_ids"].shape[0]
         noise = jax.random.normal(rng, (batch, *self.latent_shape))
-        latents = diffusion.ddim_sample(self.schedule, guided, noise, cfg.validation_num_inference_steps)
+        latents = self.denoise(self.sampling_model(models, prompt_ids), noise, jax.random.fold_in(rng, 1))
         vae = models["vae"]
         images = vae.decode((latents / vae.config.scaling_factor).astype(self.vae_dtype)).sample
         return jnp.clip(jnp.transpose(images.astype(jnp.float32), (0, 2, 3, 1)) / 2 + 0.5, 0.0, 1.0)

@@ -1,5 +1,6 @@
 """LoRA adapters: peft's layer choice and initialisation, and diffusers' ``load_lora_weights`` of our file giving
-our adapted models' outputs (float32, alpha != rank)."""
+our adapted models' outputs (float32, alpha != rank), with attention-only and LCM-LoRA's (convolutions too) targets;
+merging, and the adapted model run as its base (``lora_disabled``)."""
 
 import json
 
@@ -12,15 +13,16 @@ from diffusers import UNet2DConditionModel as TorchUNet2DConditionModel
 from flax import nnx
 from safetensors import safe_open
 
-from jaxdiff.adapters import LORA_WEIGHTS_NAME, UNET_TARGETS, LoRASettings, matches
+from jaxdiff.adapters import LCM_UNET_TARGETS, LORA_WEIGHTS_NAME, UNET_TARGETS, LoRASettings, matches
 from jaxdiff.models.clip import CLIPTextModel
-from jaxdiff.models.lora import add_lora, initial_adapters, save_lora_weights
-from jaxdiff.models.nn import LoRAParam, lora_dropout
+from jaxdiff.models.lora import add_lora, initial_adapters, lora_state_dict, merge_lora, save_lora_weights
+from jaxdiff.models.nn import LoRAParam, lora_disabled, lora_dropout
 from jaxdiff.models.unet_2d_condition import UNet2DConditionModel
 from tests.models import max_abs_diff
 
 MODEL_TOL = 1e-4
 SETTINGS = LoRASettings(rank=4, alpha=8, dropout=0.0, unet_targets=UNET_TARGETS)  # alpha != rank: scale 2
+LCM_SETTINGS = LoRASettings(rank=4, alpha=8, dropout=0.0, unet_targets=LCM_UNET_TARGETS)
 
 
 def _randomize_adapters(model: nnx.Module, seed: int) -> None:
@@ -35,6 +37,12 @@ def _randomize_adapters(model: nnx.Module, seed: int) -> None:
 @nnx.jit
 def _unet(model, sample, timestep, encoder_hidden_states):
     return model(sample, timestep, encoder_hidden_states).sample
+
+
+@nnx.jit
+def _base_unet(model, sample, timestep, encoder_hidden_states):
+    with lora_disabled():
+        return model(sample, timestep, encoder_hidden_states).sample
 
 
 @nnx.jit
@@ -102,7 +110,9 @@ def test_dropout_acts_only_inside_its_context(tiny_sd_path):
 
 def test_bad_targets_and_rank_are_refused(tiny_sd_path):
     unet = UNet2DConditionModel.from_pretrained(tiny_sd_path, subfolder="unet")
-    with pytest.raises(ValueError, match=r"no Linear layer of UNet2DConditionModel \(unet\) matches .* \['q'\]"):
+    with pytest.raises(
+        ValueError, match=r"no Linear or Conv layer of UNet2DConditionModel \(unet\) matches .* \['q'\]"
+    ):
         add_lora(unet, LoRASettings(rank=4, alpha=4, dropout=0.0, unet_targets=("q",)), "unet")
     with pytest.raises(ValueError, match="rank=0: must be >= 1"):
         add_lora(unet, LoRASettings(rank=0, alpha=4, dropout=0.0, unet_targets=UNET_TARGETS), "unet")
@@ -147,3 +157,70 @@ def test_diffusers_loads_our_lora_file_and_matches_our_adapted_models(tiny_sd_pa
     base = StableDiffusionPipeline.from_pretrained(tiny_sd_path, safety_checker=None)
     with torch.no_grad():
         assert max_abs_diff(base.unet(sample, timestep, hidden).sample, expected_unet) > 100 * MODEL_TOL
+
+
+def test_lcm_targets_adapt_linears_and_convs_as_peft_does(tiny_sd_path):
+    """LCM-LoRA's targets: peft's choice of Linear and Conv2d layers, its lora_A/lora_B shapes, one start for a
+    concrete and an abstract model."""
+    from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_sd_path, subfolder="unet")
+    names = add_lora(unet, LCM_SETTINGS, "unet", seed=5)
+    theirs = TorchUNet2DConditionModel.from_pretrained(tiny_sd_path, subfolder="unet")
+    layers = {n: m for n, m in theirs.named_modules() if isinstance(m, torch.nn.Linear | torch.nn.Conv2d)}
+    expected = sorted(n for n in layers if matches(n, LCM_UNET_TARGETS))
+    assert sorted(names) == expected
+    convs = {n for n in names if isinstance(layers[n], torch.nn.Conv2d)}
+    strided = {n for n in convs if layers[n].stride == (2, 2)}
+    assert {n.rsplit(".", 1)[-1] for n in convs} == {"conv1", "conv2", "conv_shortcut", "proj_in", "proj_out", "conv"}
+    assert strided == {"down_blocks.0.downsamplers.0.conv"}
+    assert any(n.endswith("ff.net.0.proj") for n in names) and any(n.endswith("time_emb_proj") for n in names)
+
+    ours = lora_state_dict(unet, "unet")
+    inject_adapter_in_model(LoraConfig(r=4, lora_alpha=8, target_modules=list(LCM_UNET_TARGETS)), theirs)
+    peft_shapes = {f"unet.{k}": tuple(v.shape) for k, v in get_peft_model_state_dict(theirs).items()}
+    assert {k: v.shape for k, v in ours.items()} == peft_shapes  # (4, in, 3, 3) / (out, 4, 1, 1) for a 3x3 conv
+    conv_a = ours["unet.down_blocks.0.downsamplers.0.conv.lora_A.weight"]
+    assert conv_a.shape == (4, 32, 3, 3) and abs(conv_a.std() - 1 / 4) < 0.05  # peft's "gaussian" on a conv too
+
+    abstract, _ = UNet2DConditionModel.abstract_from_pretrained(tiny_sd_path, "unet")
+    add_lora(abstract, LCM_SETTINGS, "unet", abstract=True)
+    started = nnx.to_flat_state(initial_adapters(abstract, "unet", seed=5))
+    concrete = nnx.to_flat_state(nnx.state(unet, LoRAParam))
+    assert [p for p, _ in started] == [p for p, _ in concrete]
+    for (_, a), (_, b) in zip(started, concrete, strict=True):
+        np.testing.assert_array_equal(a.get_value(), b.get_value())
+
+
+def test_lcm_lora_file_loads_in_diffusers_merges_and_disables(tiny_sd_path, tmp_path):
+    """Adapters on LCM-LoRA's targets (convolutions: 3x3, stride 2, 1x1 shortcut and proj_in/out): diffusers'
+    ``load_lora_weights`` of our file computes our adapted UNet, `merge_lora` folds them into the same function, and
+    inside ``lora_disabled`` the adapted UNet is its base model, bit for bit."""
+    from diffusers import StableDiffusionPipeline
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_sd_path, subfolder="unet")
+    add_lora(unet, LCM_SETTINGS, "unet")
+    _randomize_adapters(unet, 2)
+    save_lora_weights(tmp_path, {"unet": unet}, LCM_SETTINGS)
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd_path, safety_checker=None)
+    pipe.load_lora_weights(tmp_path)
+    generator = torch.Generator().manual_seed(0)
+    sample = torch.randn(2, 4, 8, 8, generator=generator)
+    hidden = torch.randn(2, 7, 32, generator=generator)
+    timestep = torch.tensor([3, 801])
+    with torch.no_grad():
+        expected = pipe.unet(sample, timestep, hidden).sample
+    inputs = (jnp.asarray(sample.numpy()), jnp.asarray(timestep.numpy()), jnp.asarray(hidden.numpy()))
+    adapted = _unet(unet, *inputs)
+    assert max_abs_diff(adapted, expected) <= MODEL_TOL
+
+    base = UNet2DConditionModel.from_pretrained(tiny_sd_path, subfolder="unet")
+    base_out = _unet(base, *inputs)
+    assert max_abs_diff(base_out, adapted) > 100 * MODEL_TOL  # the adapters, convolutions included, act
+    np.testing.assert_array_equal(_base_unet(unet, *inputs), base_out)
+    np.testing.assert_array_equal(_unet(unet, *inputs), adapted)  # outside the context: adapted again
+
+    merge_lora(unet)
+    assert not jax.tree.leaves(nnx.state(unet, LoRAParam))
+    assert max_abs_diff(_unet(unet, *inputs), adapted) <= MODEL_TOL

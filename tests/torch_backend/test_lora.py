@@ -35,3 +35,36 @@ def test_lora_export_loads_in_diffusers_and_only_adapters_train(tmp_path, tiny_s
         inputs = _inputs(models["unet"].config, models["text_encoder"].config)
         ours_unet, ours_text = _diffusers_outputs(models["unet"], models["text_encoder"], inputs)
     check_lora_export(out, tiny_sd_path, inputs, ours_unet, ours_text)
+
+
+def test_adapters_disabled_computes_the_base_and_restores_the_adapters(tiny_sd_path):
+    """LCM-LoRA's teacher: inside `adapters_disabled` the adapted UNet (convolutions adapted too) is its base model;
+    afterwards it is adapted again, with the adapters trainable and the base frozen as before."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    from jaxdiff.adapters import LCM_UNET_TARGETS, LoRASettings
+    from torch_backend.lora import adapters_disabled, add_lora
+
+    base = UNet2DConditionModel.from_pretrained(tiny_sd_path, subfolder="unet")
+    unet = UNet2DConditionModel.from_pretrained(tiny_sd_path, subfolder="unet").requires_grad_(False)
+    add_lora(unet, LoRASettings(rank=4, alpha=8, dropout=0.0, unet_targets=LCM_UNET_TARGETS), "unet", seed=0)
+    with torch.no_grad():
+        for name, param in unet.named_parameters():
+            if ".lora_B." in name:
+                param.normal_(0, 0.1)
+    trainable = {n for n, p in unet.named_parameters() if p.requires_grad}
+    generator = torch.Generator().manual_seed(0)
+    sample, hidden = torch.randn(2, 4, 8, 8, generator=generator), torch.randn(2, 7, 32, generator=generator)
+
+    def output(model):
+        with torch.no_grad():
+            return model(sample, torch.tensor([3, 801]), encoder_hidden_states=hidden).sample
+
+    adapted = output(unet)
+    assert (adapted - output(base)).abs().max() > 1e-2
+    with adapters_disabled(unet) as teacher:
+        torch.testing.assert_close(output(teacher), output(base), rtol=0, atol=0)
+    torch.testing.assert_close(output(unet), adapted, rtol=0, atol=0)
+    assert {n for n, p in unet.named_parameters() if p.requires_grad} == trainable
+    assert trainable and all(".lora_" in n for n in trainable)

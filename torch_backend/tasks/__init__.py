@@ -10,6 +10,7 @@ import torch
 from jaxdiff.config import TrainConfig
 from jaxdiff.tasks.base import Task
 from torch_backend.tasks.dreambooth import dreambooth
+from torch_backend.tasks.lcm import lcm, lcm_lora, lcm_sdxl
 from torch_backend.tasks.sdxl import SDXL
 from torch_backend.tasks.text_to_image import TextToImage
 
@@ -24,9 +25,13 @@ class TorchTask(Task, Protocol):
         ...
 
 
-#: Each task's constructor from the run's config and device (DreamBooth's picks the SD or SDXL variant).
+#: Each task's constructor from the run's config and device (DreamBooth's and LCM-LoRA's pick the SD or SDXL
+#: variant).
 TASKS: dict[str, Callable[[TrainConfig, torch.device], TorchTask]] = {
     "text_to_image": TextToImage,
     "sdxl": SDXL,
     "dreambooth": dreambooth,
+    "lcm": lcm,
+    "lcm_sdxl": lcm_sdxl,
+    "lcm_lora": lcm_lora,
 }

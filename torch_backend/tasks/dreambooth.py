@@ -3,9 +3,8 @@ for SD 1.x/2.x and SDXL base models, full or LoRA."""
 
 import torch
 
-from jaxdiff.config import TrainConfig
 from jaxdiff.data.dreambooth import CLASS_PREFIX
-from jaxdiff.objective import DreamBoothRoles, is_sdxl_pipeline
+from jaxdiff.objective import DreamBoothRoles, by_pipeline_kind
 from torch_backend.diffusion import snr_weighted_mean
 from torch_backend.tasks.sdxl import SDXL
 from torch_backend.tasks.text_to_image import Batch, Models, TextToImage
@@ -42,6 +41,5 @@ class DreamBoothSDXL(DreamBoothLoss, SDXL):
     """DreamBooth on an SDXL pipeline (two text encoders, size conditioning of every image)."""
 
 
-def dreambooth(config: TrainConfig, device: torch.device) -> DreamBooth | DreamBoothSDXL:
-    """The DreamBooth task of --pretrained_model_name_or_path's kind: SDXL or SD."""
-    return (DreamBoothSDXL if is_sdxl_pipeline(config) else DreamBooth)(config, device)
+#: The task's constructor: the DreamBooth class of --pretrained_model_name_or_path's kind, SDXL or SD.
+dreambooth = by_pipeline_kind(sd=DreamBooth, sdxl=DreamBoothSDXL)

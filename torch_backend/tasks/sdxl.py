@@ -9,7 +9,7 @@ sample; both encoders can train (`--train_text_encoder`), which diffusers' scrip
 from typing import Any, ClassVar
 
 import torch
-from diffusers import DDIMScheduler, StableDiffusionXLPipeline
+from diffusers import StableDiffusionXLPipeline
 from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
 from jaxdiff.objective import SDXLRoles
@@ -45,8 +45,15 @@ class SDXL(SDXLRoles, TextToImage):
             "added_cond_kwargs": {"text_embeds": text["text_embeds"], "time_ids": time_ids},
         }
 
+    def unconditional_text(self, models: Models, text: Batch) -> Batch:
+        """What StableDiffusionXLPipeline uses without a negative prompt: zeros when the pipeline sets
+        `force_zeros_for_empty_prompt` (LCM-SDXL distillation's unconditional input too), else the encoding of ""."""
+        if not self.force_zeros_for_empty_prompt:
+            return super().unconditional_text(models, text)
+        return {k: torch.zeros_like(v) for k, v in text.items()}
+
     def sampling_pipeline(self, models: Models) -> StableDiffusionXLPipeline:
-        """diffusers' StableDiffusionXLPipeline of the in-memory (unwrapped) models, with a DDIM scheduler; its
+        """diffusers' StableDiffusionXLPipeline of the in-memory (unwrapped) models, with `sampling_scheduler`; its
         unconditional embedding is zeros when the pipeline sets `force_zeros_for_empty_prompt`."""
         return StableDiffusionXLPipeline(
             vae=models["vae"],
@@ -55,7 +62,7 @@ class SDXL(SDXLRoles, TextToImage):
             tokenizer=self.tokenizers[0],
             tokenizer_2=self.tokenizers[1],
             unet=models["unet"],
-            scheduler=DDIMScheduler.from_config(self.scheduler.config),
+            scheduler=self.sampling_scheduler(),
             force_zeros_for_empty_prompt=self.force_zeros_for_empty_prompt,
             add_watermarker=False,
         )

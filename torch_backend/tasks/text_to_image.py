@@ -24,6 +24,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 from jaxdiff.config import ConfigError, TrainConfig
 from jaxdiff.data import fingerprint_files
 from jaxdiff.data.fingerprint import hash_json
+from jaxdiff.data.transforms import tokenize
 from jaxdiff.hub import HubOptions, ModelFilesNotFoundError, resolve_model, resolve_pipeline
 from jaxdiff.objective import TextToImageRoles
 from torch_backend.diffusion import per_sample_loss, snr_weighted_mean, training_target
@@ -70,7 +71,7 @@ class TextToImage(TextToImageRoles):
         self.config = config
         self.device = device
         self.model_path = config.pretrained_model_name_or_path
-        weight_dtype = WEIGHT_DTYPES[config.mixed_precision]
+        weight_dtype = self.weight_dtype
         # The files the JAX task reads, fetched by the shared resolver; every model loads from a local folder.
         options = HubOptions.from_config(config)
         vae_path = config.pretrained_vae_model_name_or_path
@@ -84,7 +85,7 @@ class TextToImage(TextToImageRoles):
         self.scheduler = load_pretrained(DDPMScheduler, root / "scheduler")
         if config.prediction_type:
             self.scheduler.register_to_config(prediction_type=config.prediction_type)
-        self.unet = load_pretrained(UNet2DConditionModel, root / "unet", **_weights(options))
+        self.unet = self.load_unet(root, options)
         for name in self.text_encoder_names:
             encoder = load_pretrained(self.text_encoder_classes[name], root / name, **_weights(options))
             setattr(self, name, encoder)
@@ -124,6 +125,20 @@ class TextToImage(TextToImageRoles):
             len(self.vae.config.block_out_channels),
             len(self.unet.config.block_out_channels),
         )
+
+    def load_unet(self, root: Path, options: HubOptions) -> UNet2DConditionModel:
+        """The UNet that trains (or gets the adapters), loaded from the pipeline's ``unet/``."""
+        return load_pretrained(UNet2DConditionModel, root / "unet", **_weights(options))
+
+    @property
+    def weight_dtype(self) -> torch.dtype:
+        """The dtype of frozen weights and of autocast (--mixed_precision)."""
+        return WEIGHT_DTYPES[self.config.mixed_precision]
+
+    def autocast(self) -> Any:
+        """Autocast to the compute dtype for the frozen models' calls (a no-op in float32)."""
+        dtype = self.weight_dtype
+        return torch.autocast(self.device.type, dtype=dtype, enabled=dtype != torch.float32)
 
     def draw(self, generator: torch.Generator, batch_size: int) -> Batch:
         """Every random number one optimizer step needs, per sample, for ``batch_size`` samples (the JAX task's
@@ -203,14 +218,25 @@ class TextToImage(TextToImageRoles):
         prediction = models["unet"](noisy, timesteps, **self.unet_conditioning(text, batch), return_dict=False)[0]
         return per_sample_loss(prediction, target, cfg.loss_type, cfg.huber_c)
 
+    def unconditional_text(self, models: Models, text: Batch) -> Batch:
+        """The unconditional counterpart of ``text`` (rows of `encode_prompt`'s outputs): the encoding of "", as
+        diffusers' StableDiffusionPipeline uses without a negative prompt."""
+        ids = {k: torch.from_numpy(v).to(self.device) for k, v in tokenize(self.tokenizers, [""]).items()}
+        empty = self.encode_prompt(models, ids)
+        return {k: empty[k].expand_as(text[k]).to(text[k].dtype) for k in text}
+
+    def sampling_scheduler(self) -> Any:
+        """The validation sampler: DDIM, from the pipeline's scheduler config."""
+        return DDIMScheduler.from_config(self.scheduler.config)
+
     def sampling_pipeline(self, models: Models) -> DiffusionPipeline:
-        """diffusers' StableDiffusionPipeline of the in-memory (unwrapped) models, with a DDIM scheduler."""
+        """diffusers' StableDiffusionPipeline of the in-memory (unwrapped) models, with `sampling_scheduler`."""
         return StableDiffusionPipeline(
             vae=models["vae"],
             text_encoder=models["text_encoder"],
             tokenizer=self.tokenizers[0],
             unet=models["unet"],
-            scheduler=DDIMScheduler.from_config(self.scheduler.config),
+            scheduler=self.sampling_scheduler(),
             safety_checker=None,
             feature_extractor=None,
             requires_safety_checker=False,
