@@ -203,14 +203,18 @@ class TrainProgram:
 
     def target_models(self, ema_params: dict, frozen: dict) -> dict[str, nnx.Module]:
         """The task's target networks (`target_decay`), ``<name>_target``: each trained module holding its EMA,
-        under stop-gradient; none for other tasks."""
+        under stop-gradient and without gradient checkpointing (they run forward only); none for other tasks.
+        Built inside the traced loss, as `models` is (NNX lifts no module across trace levels)."""
         if self.task.target_decay is None:
             return {}
         ema = jax.lax.stop_gradient(ema_params)
-        return {
-            f"{n}{TARGET_SUFFIX}": nnx.merge(self.graphdefs[n], ema[n], frozen[n], self.rest[n])
-            for n in self.task.trainable
-        }
+        targets = {}
+        for name in self.task.trainable:
+            targets[name + TARGET_SUFFIX] = module = nnx.merge(
+                self.graphdefs[name], ema[name], frozen[name], self.rest[name]
+            )
+            module.set_attributes(gradient_checkpointing=False, raise_if_not_found=False)
+        return targets
 
     def eval_models(self, params: dict, frozen: dict) -> dict[str, nnx.Module]:
         """`models` for inference: no gradient checkpointing (nothing to rematerialise, and NNX cannot lift a
@@ -235,15 +239,15 @@ class TrainProgram:
             if jax.process_count() > 1:  # draws follow global positions, as on one process
                 randoms = jax.tree.map(lambda x: x[run.host_major_positions(rows, jax.process_count())], randoms)
 
-        targets = self.target_models(state["ema_params"], frozen) if self.ema else {}
+        ema_params = state.get("ema_params")
+
+        def loss(params: dict, micro_batch: dict, micro_randoms: dict) -> tuple[jax.Array, dict]:
+            targets = self.target_models(ema_params, frozen) if self.ema else {}
+            return self.task.loss({**self.models(params, frozen), **targets}, micro_batch, micro_randoms)
 
         def loss_and_grad(params: dict, micro: tuple[dict, dict]) -> tuple[dict, dict]:
-            micro_batch, micro_randoms = micro
-            (loss, metrics), grads = jax.value_and_grad(
-                lambda p: self.task.loss({**self.models(p, frozen), **targets}, micro_batch, micro_randoms),
-                has_aux=True,
-            )(params)
-            return {**metrics, "loss": loss}, grads
+            (loss_value, metrics), grads = jax.value_and_grad(loss, has_aux=True)(params, *micro)
+            return {**metrics, "loss": loss_value}, grads
 
         micro = optim.split_micro_batches((batch, randoms), self.accum)
         values, grads = optim.accumulate_gradients(loss_and_grad, state["params"], micro)

@@ -31,11 +31,22 @@ _F = TypeVar("_F", bound=Callable[..., Any])
 
 
 def checkpointed(fn: _F, enabled: bool) -> _F:
-    """``fn`` rematerialised in the backward pass (``nnx.remat``) when ``enabled``; ``fn`` itself otherwise.
+    """``fn`` rematerialised in the backward pass (``jax.checkpoint``) when ``enabled``; ``fn`` itself otherwise.
 
-    ``fn`` takes the module as its first argument (an unbound ``__call__``), so NNX lifts its state.
+    ``fn`` takes the module as its first argument (an unbound ``__call__``). The module's state goes into the
+    checkpoint as an argument and is merged into a new module inside, rather than lifted by ``nnx.remat``: NNX's remat
+    writes into the caller's variables from inside, which it refuses (TraceContextError) when only some of them are
+    differentiated, e.g. LoRA's adapters beside frozen base weights. The blocks are pure (no RNG or batch
+    statistics), so there is nothing to write back.
     """
-    return nnx.remat(fn) if enabled else fn
+    if not enabled:
+        return fn
+
+    def rematerialised(module: nnx.Module, *args: Any) -> Any:
+        graphdef, state = nnx.split(module)
+        return jax.checkpoint(lambda state, *args: fn(nnx.merge(graphdef, state), *args))(state, *args)
+
+    return rematerialised  # type: ignore[return-value]
 
 
 def get_activation(name: str) -> Callable[[jax.Array], jax.Array]:

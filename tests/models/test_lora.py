@@ -224,3 +224,28 @@ def test_lcm_lora_file_loads_in_diffusers_merges_and_disables(tiny_sd_path, tmp_
     merge_lora(unet)
     assert not jax.tree.leaves(nnx.state(unet, LoRAParam))
     assert max_abs_diff(_unet(unet, *inputs), adapted) <= MODEL_TOL
+
+
+def test_gradient_checkpointing_with_frozen_base_weights(tiny_sd_path):
+    """Only the adapters differentiated, the base weights frozen beside them (LoRA, LCM-LoRA's convolutions too):
+    the checkpointed UNet trains and gives the plain UNet's loss and adapter gradients."""
+    generator = torch.Generator().manual_seed(0)
+    sample, hidden = torch.randn(2, 4, 8, 8, generator=generator), torch.randn(2, 7, 32, generator=generator)
+    inputs = (jnp.asarray(sample.numpy()), jnp.asarray([3, 801]), jnp.asarray(hidden.numpy()))
+    results = {}
+    for remat in (False, True):
+        unet = UNet2DConditionModel.from_pretrained(tiny_sd_path, subfolder="unet", gradient_checkpointing=remat)
+        add_lora(unet, LCM_SETTINGS, "unet")
+        _randomize_adapters(unet, 3)
+        graphdef, adapters, base = nnx.split(unet, LoRAParam, ...)
+
+        def loss(adapters, base, graphdef=graphdef):
+            return (nnx.merge(graphdef, adapters, base)(*inputs).sample ** 2).mean()
+
+        fn = jax.jit(jax.value_and_grad(loss))
+        assert ("remat" in str(jax.make_jaxpr(fn)(adapters, base))) == remat
+        results[remat] = fn(adapters, base)
+    (value, grads), (value_remat, grads_remat) = results[False], results[True]
+    assert value == value_remat
+    for g, g_remat in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_remat), strict=True):
+        np.testing.assert_allclose(g_remat, g, rtol=1e-5, atol=1e-7)
