@@ -34,6 +34,14 @@ def _randomize_adapters(model: nnx.Module, seed: int) -> None:
             variable.set_value(0.3 * jax.random.normal(jax.random.fold_in(key, i), value.shape, value.dtype))
 
 
+def _unet_inputs():
+    """(sample, timestep, text states) for the tiny UNet, as torch tensors: a noise level near each end."""
+    generator = torch.Generator().manual_seed(0)
+    sample = torch.randn(2, 4, 8, 8, generator=generator)
+    hidden = torch.randn(2, 7, 32, generator=generator)
+    return sample, torch.tensor([3, 801]), hidden
+
+
 @nnx.jit
 def _unet(model, sample, timestep, encoder_hidden_states):
     return model(sample, timestep, encoder_hidden_states).sample
@@ -141,10 +149,7 @@ def test_diffusers_loads_our_lora_file_and_matches_our_adapted_models(tiny_sd_pa
 
     pipe = StableDiffusionPipeline.from_pretrained(tiny_sd_path, safety_checker=None)
     pipe.load_lora_weights(tmp_path)
-    generator = torch.Generator().manual_seed(0)
-    sample = torch.randn(2, 4, 8, 8, generator=generator)
-    hidden = torch.randn(2, 7, 32, generator=generator)
-    timestep = torch.tensor([3, 801])
+    sample, timestep, hidden = _unet_inputs()
     ids = torch.tensor([[0, 5, 9, 14, 1, 1, 1], [0, 7, 3, 1, 1, 1, 1]])
     with torch.no_grad():
         expected_unet = pipe.unet(sample, timestep, hidden).sample
@@ -205,10 +210,7 @@ def test_lcm_lora_file_loads_in_diffusers_merges_and_disables(tiny_sd_path, tmp_
 
     pipe = StableDiffusionPipeline.from_pretrained(tiny_sd_path, safety_checker=None)
     pipe.load_lora_weights(tmp_path)
-    generator = torch.Generator().manual_seed(0)
-    sample = torch.randn(2, 4, 8, 8, generator=generator)
-    hidden = torch.randn(2, 7, 32, generator=generator)
-    timestep = torch.tensor([3, 801])
+    sample, timestep, hidden = _unet_inputs()
     with torch.no_grad():
         expected = pipe.unet(sample, timestep, hidden).sample
     inputs = (jnp.asarray(sample.numpy()), jnp.asarray(timestep.numpy()), jnp.asarray(hidden.numpy()))
@@ -229,9 +231,7 @@ def test_lcm_lora_file_loads_in_diffusers_merges_and_disables(tiny_sd_path, tmp_
 def test_gradient_checkpointing_with_frozen_base_weights(tiny_sd_path):
     """Only the adapters differentiated, the base weights frozen beside them (LoRA, LCM-LoRA's convolutions too):
     the checkpointed UNet trains and gives the plain UNet's loss and adapter gradients."""
-    generator = torch.Generator().manual_seed(0)
-    sample, hidden = torch.randn(2, 4, 8, 8, generator=generator), torch.randn(2, 7, 32, generator=generator)
-    inputs = (jnp.asarray(sample.numpy()), jnp.asarray([3, 801]), jnp.asarray(hidden.numpy()))
+    inputs = tuple(jnp.asarray(t.numpy()) for t in _unet_inputs())
     results = {}
     for remat in (False, True):
         unet = UNet2DConditionModel.from_pretrained(tiny_sd_path, subfolder="unet", gradient_checkpointing=remat)
