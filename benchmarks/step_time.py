@@ -1,7 +1,7 @@
-"""Training step time of the same SD- or SDXL-shaped model in jaxdiff and in diffusers (torch), side by side.
+"""Training step time of the same SD-, SDXL- or DDPM-shaped model in jaxdiff and in diffusers (torch), side by side.
 
-    python benchmarks/step_time.py [--task text_to_image|sdxl] [--[no-]cache_latents] [--steps 20] [--warmup 3]
-        [--batch_size 4] [--resolution 256] [--lora_rank 4]
+    python benchmarks/step_time.py [--task text_to_image|sdxl|lcm|unconditional] [--[no-]cache_latents]
+        [--steps 20] [--warmup 3] [--batch_size 4] [--resolution 256] [--lora_rank 4]
 
 Builds, in a temporary folder, a randomly initialised diffusers-format SD pipeline (a ~35M-parameter SD-shaped
 UNet, a small 4-level VAE, a small CLIP text encoder) and an imagefolder of generated 256 px images. Then it
@@ -27,6 +27,13 @@ projection; the SD VAE's shape with SDXL's scaling factor), the reference being 
 train_text_to_image_sdxl.py. That script encodes the dataset before training, so by default the SDXL steps train
 on cached latents and text states (jaxdiff's and torch_backend's ``--cache_latents``); ``--no-cache_latents`` encodes
 every step, as train_text_to_image.py does (``--cache_latents`` gives it the SD case).
+
+``--task unconditional`` times unconditional image generation: the butterflies tutorial's UNet2DModel
+(``jaxdiff.objective.TUTORIAL_UNET``, ~114M parameters, written as a config.json and trained from its random
+initialisation) on the pixels themselves, by default at train_unconditional.py's 64 px with a batch of 4 on CPU (16,
+the script's, on GPU); DDPM schedule of 1000 linear-beta steps, epsilon MSE, AdamW (0.95, 0.999, weight decay 1e-6,
+the script's) with grad clipping, no EMA. jaxdiff's ``--task unconditional --model_config_name_or_path``, against
+the step of diffusers' train_unconditional.py written out on the same UNet config and batch.
 
 Warmup steps run first for each; the timed steps alternate jaxdiff / torch / torch_backend so that load from other
 processes on the machine falls on all alike. Prints the median ms/step, the ratio jaxdiff / torch (CPU target
@@ -74,6 +81,7 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
 import numpy as np
 
 from jaxdiff.demo import build_tiny_sd_pipeline, save_tiny_clip_tokenizer, shape_samples, write_imagefolder
+from jaxdiff.objective import TUTORIAL_UNET
 
 CPU_TARGET = 1.25
 SD_TRAIN_TFLOP_PER_512PX_IMAGE = 2.35  # UNet forward + backward, one 512 px image (64x64 latents)
@@ -151,7 +159,13 @@ SMALL_VAE = {
 
 
 def build_pipeline(folder: Path, task: str, resolution: int, gpu: bool) -> Path:
-    """The benchmark's randomly initialised pipeline: SD-shaped (SD 1.5's UNet on a GPU) or SDXL-shaped."""
+    """The benchmark's randomly initialised pipeline: SD-shaped (SD 1.5's UNet on a GPU) or SDXL-shaped; for
+    unconditional, a folder with the tutorial UNet2DModel's config.json at ``resolution`` (trained from scratch)."""
+    if task == "unconditional":
+        folder.mkdir(parents=True)
+        config = {"_class_name": "UNet2DModel", **TUTORIAL_UNET, "sample_size": resolution}
+        (folder / "config.json").write_text(json.dumps(config, indent=2))
+        return folder
     if task == "sdxl":
         unet, vae, text = CPU_SDXL_UNET, {**SMALL_VAE, "scaling_factor": 0.13025}, CPU_SDXL_TEXT
     else:
@@ -208,13 +222,14 @@ def jaxdiff_step(model: Path, data: Path, out: Path, args: argparse.Namespace, g
     from jaxdiff import cli
     from jaxdiff.trainer import Trainer
 
+    unconditional = args.task == "unconditional"  # a UNet2DModel config, no VAE, no latents to cache
     config = cli.resolve(
         cli.validate(
             {
-                "pretrained_model_name_or_path": str(model),
+                ("model_config_name_or_path" if unconditional else "pretrained_model_name_or_path"): str(model),
                 "task": args.task,
                 **({"lora_rank": args.lora_rank} if args.lora_rank else {}),
-                "cache_latents": args.cache_latents,
+                **({} if unconditional else {"cache_latents": args.cache_latents}),
                 "train_data_dir": str(data),
                 "output_dir": str(out),
                 "resolution": args.resolution,
@@ -252,17 +267,22 @@ def jaxdiff_step(model: Path, data: Path, out: Path, args: argparse.Namespace, g
 
 def torch_step(model: Path, host_batch: dict, config, gpu: bool):
     """One optimizer step of diffusers' train_text_to_image.py (SD) or train_text_to_image_sdxl.py (SDXL) on the
-    same pipeline and batch; with --lora_rank of their _lora variants (peft adapters on the frozen UNet)."""
+    same pipeline and batch; with --lora_rank of their _lora variants (peft adapters on the frozen UNet); for
+    unconditional, of train_unconditional.py (a UNet2DModel from the config, denoising the images themselves)."""
     import torch
     import torch.nn.functional as F
-    from diffusers import DDPMScheduler, UNet2DConditionModel
+    from diffusers import DDPMScheduler, UNet2DConditionModel, UNet2DModel
 
     torch.manual_seed(0)
     device = torch.device("cuda" if gpu else "cpu")
     if not gpu:
         torch.set_num_threads(os.cpu_count() or 1)
-    scheduler = DDPMScheduler.from_pretrained(model, subfolder="scheduler")
-    unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet").to(device)
+    if config.task == "unconditional":  # the script's DDPMScheduler(--ddpm_num_steps, --ddpm_beta_schedule)
+        scheduler = DDPMScheduler(num_train_timesteps=config.ddpm_num_steps, beta_schedule=config.ddpm_beta_schedule)
+        unet = UNet2DModel.from_config(UNet2DModel.load_config(model)).to(device)
+    else:
+        scheduler = DDPMScheduler.from_pretrained(model, subfolder="scheduler")
+        unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet").to(device)
     # Mixed precision as accelerate does it: frozen models in bf16, the UNet in fp32 under autocast.
     weight_dtype = torch.bfloat16 if gpu else torch.float32
     if config.lora_rank:  # the LoRA scripts: frozen UNet in the weight dtype, float32 adapters
@@ -422,11 +442,15 @@ def reference_inputs(model: Path, batch: dict, config, device, weight_dtype) -> 
     batch, one latent draw and the cached text states, made once (train_text_to_image_sdxl.py encodes the dataset
     before training). SDXL: each encoder's penultimate hidden state, concatenated, the second one's projected pooled
     state, and per-step time ids (original h, w, crop top, left, target h, w) as the script's compute_time_ids.
+    Unconditional: the images themselves and no conditioning (train_unconditional.py's clean_images).
     """
     import torch
     from diffusers import AutoencoderKL
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
+    if config.task == "unconditional":
+        images = batch["pixel_values"].to(weight_dtype)
+        return lambda: (images, {})
     sdxl = config.task == "sdxl"
     scaling_factor = AutoencoderKL.load_config(model, subfolder="vae")["scaling_factor"]
 
@@ -555,9 +579,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
         "--task",
-        choices=("text_to_image", "sdxl", "lcm"),
+        choices=("text_to_image", "sdxl", "lcm", "unconditional"),
         default="text_to_image",
-        help="The pipeline and its objective (lcm: LCM distillation of the SD-shaped pipeline).",
+        help="The pipeline and its objective (lcm: LCM distillation of the SD-shaped pipeline; unconditional: the "
+        "tutorial UNet2DModel on the pixels, train_unconditional.py).",
     )
     parser.add_argument(
         "--cache_latents",
@@ -573,7 +598,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20, help="Timed steps (rounds) of each framework.")
     parser.add_argument("--warmup", type=int, default=3, help="Untimed steps of each framework first.")
     parser.add_argument("--batch_size", type=int, default=None, help="Default: 4 on CPU, 16 on GPU.")
-    parser.add_argument("--resolution", type=int, default=None, help="Default: 256 on CPU, 512 on GPU.")
+    parser.add_argument(
+        "--resolution", type=int, default=None, help="Default: 256 on CPU, 512 on GPU; unconditional: 64."
+    )
     parser.add_argument("--device-kind", dest="device_kind", choices=("auto", "cpu", "gpu"), default="auto")
     parser.add_argument("--peak_tflops", type=float, default=989.0, help="Device peak (dense bf16) for MFU.")
     parser.add_argument("--images", type=int, default=16, help="Images in the generated imagefolder.")
@@ -601,6 +628,8 @@ def main() -> None:
         "--tiny_jax_flag", action="append", default=[], help="--tiny_run: extra flag of the JAX run (repeatable)."
     )
     args = parser.parse_args()
+    if args.task == "unconditional" and (args.cache_latents or args.lora_rank):
+        parser.error("--task unconditional trains the whole UNet on the pixels: no --cache_latents, no --lora_rank")
     logging.basicConfig(level=logging.WARNING)
     if args.tiny_run:
         tiny_runs(args)
@@ -608,7 +637,7 @@ def main() -> None:
 
     gpu = detect_gpu(args.device_kind)
     args.batch_size = args.batch_size or (16 if gpu else 4)
-    args.resolution = args.resolution or (512 if gpu else 256)
+    args.resolution = args.resolution or (64 if args.task == "unconditional" else 512 if gpu else 256)
     args.attention = args.attention or ("xla" if gpu else "chunked")
     if args.cache_latents is None:
         args.cache_latents = args.task == "sdxl"
@@ -653,6 +682,8 @@ def main() -> None:
     device = "GPU, bf16" if gpu else f"CPU ({os.cpu_count()} cores), float32"
     device += f"; jaxdiff attention: {args.attention}, mesh: {mesh}"
     encoded = "cached latents and text states" if args.cache_latents else "VAE and text encoder(s) every step"
+    if args.task == "unconditional":
+        encoded = "the pixels; no VAE, no text encoder"
     rows = [
         ("device", device),
         ("task", f"{args.task}{f' LoRA rank {args.lora_rank}' if args.lora_rank else ''} ({encoded})"),

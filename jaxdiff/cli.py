@@ -71,7 +71,17 @@ def _choices(annotation: Any) -> list[Any] | None:
 
 
 #: Other spellings of a field's flag that diffusers' scripts use.
-FLAG_ALIASES: dict[str, tuple[str, ...]] = {"lora_rank": ("--rank",), "validation_prompts": ("--validation_prompt",)}
+FLAG_ALIASES: dict[str, tuple[str, ...]] = {
+    "lora_rank": ("--rank",),
+    "validation_prompts": ("--validation_prompt",),
+    # diffusers' train_unconditional.py spellings.
+    "num_train_epochs": ("--num_epochs",),
+    "ema_decay": ("--ema_max_decay",),
+    "validation_epochs": ("--save_images_epochs",),
+    "num_validation_images": ("--eval_batch_size",),
+    "validation_num_inference_steps": ("--ddpm_num_inference_steps",),
+    "report_to": ("--logger",),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:

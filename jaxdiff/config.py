@@ -33,6 +33,8 @@ SDXL_TASKS = ("sdxl", "lcm_sdxl")
 LORA_TASKS = (*TEXT_FINETUNE_TASKS, "lcm_lora")
 #: Tasks whose data is a dataset (every source of jaxdiff.data); DreamBooth reads its instance/class folders.
 DATASET_TASKS = tuple(t for t in TASKS if t != "dreambooth")
+#: Tasks with a VAE and text encoders whose outputs the latent cache can hold.
+LATENT_TASKS = tuple(t for t in DATASET_TASKS if t != "unconditional")
 
 GROUPS: tuple[str, ...] = (
     "Run",
@@ -181,7 +183,9 @@ class TrainConfig(BaseModel):
     )
     model_config_name_or_path: str | None = _field(
         None,
-        "UNet2DModel config (folder or config.json) to train from scratch; default: the butterflies tutorial's UNet.",
+        "UNet2DModel to train: a config.json (or a folder or Hub id of one) trained from scratch, or a model folder "
+        "with weights (a DDPM pipeline's unet/) fine-tuned from them; default: the butterflies tutorial's UNet at "
+        "--resolution.",
         group="Model",
         tasks=("unconditional",),
     )
@@ -264,13 +268,13 @@ class TrainConfig(BaseModel):
         False,
         "(jaxdiff) Encode images with the VAE (and captions) once, cache on disk, and train from the cache.",
         group="Data",
-        tasks=DATASET_TASKS,
+        tasks=LATENT_TASKS,
     )
     latent_cache_dir: str | None = _field(
         None,
         "(jaxdiff) Where the latent cache lives (default: output_dir/latent_cache).",
         group="Data",
-        tasks=DATASET_TASKS,
+        tasks=LATENT_TASKS,
     )
 
     # Training
@@ -511,6 +515,13 @@ class TrainConfig(BaseModel):
     ddpm_beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = _field(
         "linear", "Beta schedule of the DDPM scheduler.", group="Unconditional", tasks=("unconditional",)
     )
+    validation_scheduler: Literal["ddpm", "ddim"] = _field(
+        "ddpm",
+        "(jaxdiff) Sampler of the validation images: DDPM (as the script's DDPMPipeline) or DDIM (deterministic, "
+        "good in far fewer steps: 50 by default).",
+        group="Unconditional",
+        tasks=("unconditional",),
+    )
 
     # Memory and speed
     gradient_checkpointing: bool = _field(
@@ -548,9 +559,16 @@ class TrainConfig(BaseModel):
         group="Validation",
         tasks=TEXT_TASKS,
     )
-    validation_epochs: int | None = _field(None, "Validate every N epochs.", group="Validation", gt=0)
+    validation_epochs: int | None = _field(
+        None, "Validate every N epochs (alias --save_images_epochs; unconditional: 10).", group="Validation", gt=0
+    )
     validation_steps: int | None = _field(None, "Validate every N optimizer steps.", group="Validation", gt=0)
-    num_validation_images: int = _field(4, "Images per validation prompt.", group="Validation", gt=0)
+    num_validation_images: int = _field(
+        4,
+        "Images per validation prompt (unconditional: images per validation, alias --eval_batch_size).",
+        group="Validation",
+        gt=0,
+    )
     validation_guidance_scale: float = _field(
         7.5,
         "(jaxdiff) Classifier-free guidance scale of validation sampling (lcm, lcm_sdxl: the student's guidance "
@@ -560,7 +578,8 @@ class TrainConfig(BaseModel):
     )
     validation_num_inference_steps: int = _field(
         25,
-        "Sampling steps of validation images (LCM: 4; unconditional: ddpm_num_inference_steps).",
+        "Sampling steps of validation images (alias --ddpm_num_inference_steps; LCM: 4; unconditional: 1000, with "
+        "--validation_scheduler ddim 50).",
         group="Validation",
         gt=0,
     )
@@ -581,6 +600,13 @@ class TrainConfig(BaseModel):
     )
     export_ema: bool = _field(
         True, "(jaxdiff) Export the EMA weights when use_ema is on.", group="Export and hub", tasks=FINETUNE_TASKS
+    )
+    save_model_epochs: int | None = _field(
+        None,
+        "Also export the pipeline (and upload it with push_to_hub) every N epochs, not only at the end "
+        "(unconditional: 10, as diffusers' train_unconditional.py).",
+        group="Export and hub",
+        gt=0,
     )
     push_to_hub: bool = _field(False, "Upload the final pipeline to the Hugging Face Hub.", group="Export and hub")
     hub_model_id: str | None = _field(None, "Hub repository for push_to_hub.", group="Export and hub")
@@ -690,12 +716,34 @@ TASK_DEFAULTS: dict[str, dict[str, Any]] = {
     "lcm": {"validation_num_inference_steps": 4},
     "lcm_sdxl": {"validation_num_inference_steps": 4},
     "lcm_lora": {"validation_num_inference_steps": 4, "validation_guidance_scale": 1.0},
+    # diffusers' train_unconditional.py: its argument defaults and its always-on EMA warmup.
+    "unconditional": {
+        "resolution": 64,
+        "image_interpolation_mode": "bilinear",
+        "lr_scheduler": "cosine",
+        "adam_beta1": 0.95,
+        "adam_weight_decay": 1e-6,
+        "ema_use_warmup": True,
+        "ema_power": 3 / 4,
+        "validation_epochs": 10,
+        "num_validation_images": 16,
+        "validation_num_inference_steps": 1000,
+        "save_model_epochs": 10,
+    },
 }
+#: Validation steps of a DDIM-sampled unconditional model when not given.
+DDIM_VALIDATION_STEPS = 50
 
 
 def with_task_defaults(config: TrainConfig) -> TrainConfig:
-    """``config`` with its task's `TASK_DEFAULTS` for the fields the user did not set."""
-    unset = {k: v for k, v in TASK_DEFAULTS.get(config.task or "", {}).items() if k not in config.model_fields_set}
+    """``config`` with its task's `TASK_DEFAULTS` for the fields the user did not set (a step schedule of
+    validation replaces the default epoch one; DDIM validates in 50 steps)."""
+    defaults = dict(TASK_DEFAULTS.get(config.task or "", {}))
+    if "validation_steps" in config.model_fields_set:
+        defaults.pop("validation_epochs", None)
+    if config.task == "unconditional" and config.validation_scheduler == "ddim":
+        defaults["validation_num_inference_steps"] = DDIM_VALIDATION_STEPS
+    unset = {k: v for k, v in defaults.items() if k not in config.model_fields_set}
     return config.model_copy(update=unset) if unset else config
 
 

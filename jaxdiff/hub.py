@@ -315,3 +315,21 @@ def resolve_model(
     if local is None:
         local = _Snapshot(os.fspath(path_or_id), options).fetch_models({subfolder or "": weights_name})
     return _subfolder(local, subfolder)
+
+
+def resolve_model_config(path_or_id: str | os.PathLike, weights_name: str, options: HubOptions) -> Path:
+    """A model's config and, where they exist, its weights: a local config.json file or model folder as it is, or
+    the Hub snapshot of a repo's config.json and ``weights_name`` (an architecture-only repo has no weights)."""
+    path = Path(path_or_id).expanduser()
+    if path.is_file():
+        return path
+    local = _local(path_or_id)
+    if local is not None:
+        return local
+    snapshot = _Snapshot(os.fspath(path_or_id), options)
+    root = snapshot.fetch(
+        ["config.json", *_weight_patterns("", weights_name, options.variant, pickled=False)], "config.json"
+    )
+    if not (root / "config.json").is_file():
+        raise ModelFilesNotFoundError(f"{snapshot.name} has no config.json{snapshot.offline_hint()}")
+    return root

@@ -70,12 +70,16 @@ class TrainLoop(abc.ABC):
 
     def write_validation(self, step: int, grids: list[np.ndarray], metrics_logger: MetricsLogger) -> None:
         """The main process's part of `validate`: one PNG grid per validation prompt, also sent to the trackers."""
-        for path in save_validation_images(self.out, step, list(self.config.validation_prompts or []), grids):
+        for path in save_validation_images(self.out, step, run.validation_prompts(self.config), grids):
             metrics_logger.log_images(f"validation/{path.stem}", np.asarray(Image.open(path).convert("RGB")), step)
 
     def should_validate(self, step: int, epochs_before: int) -> bool:
         """Whether to validate after ``step`` (the config's step or epoch schedule)."""
         return run.should_validate(self.config, step, epochs_before, self.data.completed_epochs)
+
+    def should_export(self, step: int, epochs_before: int) -> bool:
+        """Whether to export before the end, after ``step`` (--save_model_epochs)."""
+        return step < self.max_steps and run.should_export(self.config, epochs_before, self.data.completed_epochs)
 
     def should_stop(self, preemption: PreemptionGuard, step: int) -> bool:
         """Whether SIGTERM was received (every process must agree, so that all save the same step)."""
@@ -121,6 +125,8 @@ class TrainLoop(abc.ABC):
                 if self.should_validate(step, epochs):
                     self.validate(step, metrics_logger)
                     validated = step
+                if self.should_export(step, epochs):
+                    self.export()
                 if self.should_stop(preemption, step):
                     if pending:
                         self._flush_metrics(pending, tick, metrics_logger, progress)

@@ -1,4 +1,5 @@
-"""The framework-free half of the text-to-image, SDXL, DreamBooth and LCM tasks, shared by the JAX and torch tasks.
+"""The framework-free half of the text-to-image, SDXL, DreamBooth, LCM and unconditional tasks, shared by the JAX and
+torch tasks.
 
 Which models train and which stay frozen, the tokenizers, the latent shape, the timestep bias, SDXL's
 micro-conditioning, and the host-drawn randoms of `--random_source host`. Each backend's task sets the attributes
@@ -18,7 +19,15 @@ from jaxdiff.config import ConfigError, TrainConfig
 from jaxdiff.data.dreambooth import ClassImageRequest
 from jaxdiff.diffusion.lcm import lcm_origin_timesteps, lcm_scheduler_config
 from jaxdiff.diffusion.training import host_draws, timestep_bias_weights
-from jaxdiff.hub import HubOptions, pipeline_class
+from jaxdiff.hub import (
+    MODEL_INDEX,
+    HubOptions,
+    ModelFilesNotFoundError,
+    find_weight_files,
+    pipeline_class,
+    resolve_model_config,
+    resolve_pipeline,
+)
 from jaxdiff.publish import SchedulerConfig
 
 #: Seed streams of the host-drawn LoRA dropout seeds, of LCM's host draws and of the LCM student's new guidance
@@ -30,31 +39,19 @@ COND_PROJ_STREAM = 9
 LCM_TARGET_DEFAULT_DECAY = 0.95
 
 
-class TextToImageRoles:
-    """Mixin: needs `config`, `unet`, one attribute per name of `text_encoder_names`, `vae`, `vae_folder`,
-    `tokenizers` and a `_common(...)` call at init."""
-
-    #: The pipeline's text encoder folders (and attributes), in the order their states are concatenated.
-    text_encoder_names: tuple[str, ...] = ("text_encoder",)
+class DenoisingRoles:
+    """Mixin of every task trained with the denoising loss: the timestep distribution (`_set_timesteps` at init),
+    the host draws over `latent_shape` (C, h, w), no LoRA unless configured, no target network, no images to
+    generate first."""
 
     config: TrainConfig
-    unet: Any
-    vae: Any
-    vae_folder: Any
+    latent_shape: tuple[int, ...]
+    #: The ``_class_name`` of an export without a base pipeline (None: the base's model_index.json names it).
+    export_pipeline_class: str | None = None
 
-    def _common(
-        self, num_train_timesteps: int, unet_in_channels: int, vae_block_out_channels: int, unet_levels: int
-    ) -> None:
-        """Sets `num_train_timesteps`, `timestep_weights` (None: uniform) and `latent_shape` (C, h, w); refuses a
-        resolution the VAE and the UNet's down/up sampling cannot map back to itself."""
+    def _set_timesteps(self, num_train_timesteps: int) -> None:
+        """Sets `num_train_timesteps` and `timestep_weights` (None: uniform; else the --timestep_bias_* bias)."""
         cfg = self.config
-        vae_factor = 2 ** (vae_block_out_channels - 1)
-        multiple = vae_factor * 2 ** (unet_levels - 1)
-        if any(side % multiple for side in cfg.image_size):
-            raise ConfigError(
-                f"--resolution={cfg.resolution}: each side must be a multiple of {multiple} for this model (the VAE "
-                f"downsamples {vae_factor}x, the UNet {2 ** (unet_levels - 1)}x more)"
-            )
         self.num_train_timesteps = num_train_timesteps
         self.timestep_weights = (
             None
@@ -68,7 +65,6 @@ class TextToImageRoles:
                 cfg.timestep_bias_portion,
             )
         )
-        self.latent_shape = (unet_in_channels, *(side // vae_factor for side in cfg.image_size))
 
     @functools.cached_property
     def lora(self) -> LoRASettings | None:
@@ -76,33 +72,9 @@ class TextToImageRoles:
         return LoRASettings.from_config(self.config)
 
     @property
-    def _text_encoders(self) -> dict[str, Any]:
-        return {name: getattr(self, name) for name in self.text_encoder_names}
-
-    @property
-    def trainable(self) -> dict[str, Any]:
-        """Modules whose parameters (with LoRA: whose adapters) are optimised, and exported."""
-        return {"unet": self.unet, **(self._text_encoders if self.config.train_text_encoder else {})}
-
-    @property
-    def frozen(self) -> dict[str, Any]:
-        """Modules used but not trained."""
-        return {"vae": self.vae, **({} if self.config.train_text_encoder else self._text_encoders)}
-
-    @property
-    def tokenizer_folders(self) -> tuple[str, ...]:
-        """The tokenizer folder of each text encoder (``tokenizer``, ``tokenizer_2``), the data's tokenizers."""
-        return tuple(name.replace("text_encoder", "tokenizer") for name in self.text_encoder_names)
-
-    @property
     def images_to_generate(self) -> ClassImageRequest | None:
         """Images the run samples from the base model before its data loads: none."""
         return None
-
-    @property
-    def copied_components(self) -> dict[str, Any]:
-        """Pipeline folders the export copies from elsewhere than the base pipeline: a separate VAE's."""
-        return {"vae": Path(self.vae_folder)} if self.config.pretrained_vae_model_name_or_path else {}
 
     @property
     def target_decay(self) -> float | None:
@@ -132,6 +104,201 @@ class TextToImageRoles:
             cfg.input_perturbation,
         )
         return {**draws, **self.dropout_seeds(step, batch_size)}
+
+
+class TextToImageRoles(DenoisingRoles):
+    """Mixin: needs `config`, `unet`, one attribute per name of `text_encoder_names`, `vae`, `vae_folder`,
+    `tokenizers` and a `_common(...)` call at init."""
+
+    #: The pipeline's text encoder folders (and attributes), in the order their states are concatenated.
+    text_encoder_names: tuple[str, ...] = ("text_encoder",)
+
+    unet: Any
+    vae: Any
+    vae_folder: Any
+
+    def _common(
+        self, num_train_timesteps: int, unet_in_channels: int, vae_block_out_channels: int, unet_levels: int
+    ) -> None:
+        """Sets `num_train_timesteps`, `timestep_weights` (None: uniform) and `latent_shape` (C, h, w); refuses a
+        resolution the VAE and the UNet's down/up sampling cannot map back to itself."""
+        cfg = self.config
+        vae_factor = 2 ** (vae_block_out_channels - 1)
+        multiple = vae_factor * 2 ** (unet_levels - 1)
+        if any(side % multiple for side in cfg.image_size):
+            raise ConfigError(
+                f"--resolution={cfg.resolution}: each side must be a multiple of {multiple} for this model (the VAE "
+                f"downsamples {vae_factor}x, the UNet {2 ** (unet_levels - 1)}x more)"
+            )
+        self._set_timesteps(num_train_timesteps)
+        self.latent_shape = (unet_in_channels, *(side // vae_factor for side in cfg.image_size))
+
+    @property
+    def _text_encoders(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in self.text_encoder_names}
+
+    @property
+    def trainable(self) -> dict[str, Any]:
+        """Modules whose parameters (with LoRA: whose adapters) are optimised, and exported."""
+        return {"unet": self.unet, **(self._text_encoders if self.config.train_text_encoder else {})}
+
+    @property
+    def frozen(self) -> dict[str, Any]:
+        """Modules used but not trained."""
+        return {"vae": self.vae, **({} if self.config.train_text_encoder else self._text_encoders)}
+
+    @property
+    def tokenizer_folders(self) -> tuple[str, ...]:
+        """The tokenizer folder of each text encoder (``tokenizer``, ``tokenizer_2``), the data's tokenizers."""
+        return tuple(name.replace("text_encoder", "tokenizer") for name in self.text_encoder_names)
+
+    @property
+    def copied_components(self) -> dict[str, Any]:
+        """Pipeline folders the export copies from elsewhere than the base pipeline: a separate VAE's."""
+        return {"vae": Path(self.vae_folder)} if self.config.pretrained_vae_model_name_or_path else {}
+
+
+#: diffusers' train_unconditional.py's UNet2DModel when --model_config_name_or_path is not given (the butterflies
+#: tutorial's), its sample_size set to --resolution.
+TUTORIAL_UNET: dict[str, Any] = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "layers_per_block": 2,
+    "block_out_channels": [128, 128, 256, 256, 512, 512],
+    "down_block_types": ["DownBlock2D"] * 4 + ["AttnDownBlock2D", "DownBlock2D"],
+    "up_block_types": ["UpBlock2D", "AttnUpBlock2D"] + ["UpBlock2D"] * 4,
+}
+#: The DDPMScheduler train_unconditional.py builds, besides what the flags set (its constructor's defaults).
+DDPM_SCHEDULER: dict[str, Any] = {
+    "beta_start": 0.0001,
+    "beta_end": 0.02,
+    "variance_type": "fixed_small",
+    "clip_sample": True,
+    "prediction_type": "epsilon",
+}
+#: The scheduler config key each --ddpm_* flag sets.
+DDPM_FLAGS = {"ddpm_num_steps": "num_train_timesteps", "ddpm_beta_schedule": "beta_schedule"}
+UNET_WEIGHTS = "diffusion_pytorch_model.safetensors"
+
+
+class UnconditionalRoles(DenoisingRoles):
+    """Mixin for unconditional image generation with the semantics of diffusers' ``train_unconditional.py``: a
+    ``UNet2DModel`` denoises the RGB images themselves (no VAE, no text) under a DDPM schedule, exported as a
+    ``DDPMPipeline``.
+
+    The UNet is --pretrained_model_name_or_path's (a DDPM pipeline: its unet/ and scheduler are fine-tuned from),
+    else --model_config_name_or_path's (a config.json, trained from scratch, or a model folder with weights,
+    fine-tuned), else the tutorial's (`TUTORIAL_UNET`) at --resolution. The schedule is
+    DDPMScheduler(--ddpm_num_steps, --ddpm_beta_schedule, --prediction_type), or a pipeline's own scheduler with
+    the flags the user set applied over it. `sample` prediction weights each sample's x_0 loss by its SNR, as the
+    script does; --snr_gamma clips that weight (Min-SNR) for every prediction type.
+
+    Needs `config` and a `_setup()` call at init.
+    """
+
+    name = "unconditional"
+    export_pipeline_class = "DDPMPipeline"
+    tokenizers: tuple[Any, ...] = ()
+    config: TrainConfig
+
+    def _setup(self) -> None:
+        """Sets `model_path`, `unet_config`, `unet_folder` (None: from scratch), `scheduler_config`, the timesteps
+        and `latent_shape` (3, H, W); refuses a model that is not RGB to RGB or a resolution it cannot map back."""
+        cfg = self.config
+        options = HubOptions.from_config(cfg)
+        #: The base pipeline the export copies from: --pretrained_model_name_or_path's, or none.
+        self.model_path = cfg.pretrained_model_name_or_path
+        base_scheduler: dict[str, Any] = {}
+        if self.model_path:
+            if cfg.model_config_name_or_path:
+                raise ConfigError(
+                    "--pretrained_model_name_or_path and --model_config_name_or_path both name the UNet to train; "
+                    "give one"
+                )
+            root = resolve_pipeline(self.model_path, ("unet",), options)
+            folder: Path | None = root / "unet"
+            scheduler_file = root / "scheduler" / "scheduler_config.json"
+            base_scheduler = json.loads(scheduler_file.read_text()) if scheduler_file.is_file() else {}
+        elif cfg.model_config_name_or_path:
+            folder = resolve_model_config(cfg.model_config_name_or_path, UNET_WEIGHTS, options)
+            if (folder / MODEL_INDEX).is_file():  # a pipeline folder: its UNet
+                folder = folder / "unet"
+        else:
+            folder = None
+        size = cfg.image_size
+        #: The UNet's config.json sample_size: the training resolution (what DDPMPipeline then generates).
+        self.sample_size = size[0] if size[0] == size[1] else list(size)
+        if folder is None:
+            self.unet_config = {**TUTORIAL_UNET, "sample_size": self.sample_size}
+        else:
+            config_file = folder if folder.is_file() else folder / "config.json"
+            if not config_file.is_file():
+                source = "pretrained_model_name_or_path" if self.model_path else "model_config_name_or_path"
+                raise ConfigError(
+                    f"--{source}={getattr(cfg, source)!r} has no {'unet/' if self.model_path else ''}config.json; "
+                    "unconditional training needs a UNet2DModel config (a config.json, a UNet folder or a "
+                    "DDPMPipeline)"
+                )
+            self.unet_config = json.loads(config_file.read_text())
+            kind = self.unet_config.get("_class_name", "UNet2DModel")
+            if kind != "UNet2DModel":
+                raise ConfigError(f"{config_file} is a {kind} config; unconditional training trains a UNet2DModel")
+            self.unet_config["sample_size"] = self.sample_size
+        self.unet_folder = folder if folder is not None and folder.is_dir() and self._has_weights(folder) else None
+        channels = (self.unet_config.get("in_channels", 3), self.unet_config.get("out_channels", 3))
+        if channels != (3, 3):
+            raise ConfigError(
+                f"the UNet2DModel has in_channels={channels[0]}, out_channels={channels[1]}; unconditional training "
+                "denoises RGB images: both must be 3"
+            )
+        levels = len(self.unet_config.get("block_out_channels", (224, 448, 672, 896)))
+        multiple = 2 ** (levels - 1)
+        if any(side % multiple for side in cfg.image_size):
+            raise ConfigError(
+                f"--resolution={cfg.resolution}: each side must be a multiple of {multiple} for this UNet (it "
+                f"downsamples {multiple}x)"
+            )
+        flags = {key: getattr(cfg, flag) for flag, key in DDPM_FLAGS.items()}
+        if base_scheduler:  # a pipeline's scheduler: the flags the user set apply over it
+            flags = {DDPM_FLAGS[f]: getattr(cfg, f) for f in DDPM_FLAGS if f in cfg.model_fields_set}
+        prediction = {"prediction_type": cfg.prediction_type} if cfg.prediction_type else {}
+        base = {k: v for k, v in base_scheduler.items() if not k.startswith("_")}
+        self.scheduler_config = {**DDPM_SCHEDULER, **base, **flags, **prediction}
+        self._set_timesteps(int(self.scheduler_config["num_train_timesteps"]))
+        if cfg.validation_num_inference_steps > self.num_train_timesteps:
+            raise ConfigError(
+                f"--validation_num_inference_steps={cfg.validation_num_inference_steps} (--ddpm_num_inference_steps) "
+                f"must be at most the schedule's {self.num_train_timesteps} training timesteps"
+            )
+        self.latent_shape = (3, *cfg.image_size)
+
+    def _has_weights(self, folder: Path) -> bool:
+        try:
+            find_weight_files(
+                folder, UNET_WEIGHTS, variant=self.config.variant, allow_pickle=self.config.allow_pickled_weights
+            )
+        except ModelFilesNotFoundError:
+            return False
+        return True
+
+    @property
+    def prediction_type(self) -> str:
+        return self.scheduler_config["prediction_type"]
+
+    @property
+    def trainable(self) -> dict[str, Any]:
+        """The UNet."""
+        return {"unet": self.unet}
+
+    @property
+    def frozen(self) -> dict[str, Any]:
+        """Nothing: no VAE, no text encoder."""
+        return {}
+
+    @property
+    def copied_components(self) -> dict[str, Any]:
+        """The DDPMScheduler of the training schedule."""
+        return {"scheduler": SchedulerConfig("DDPMScheduler", self.scheduler_config)}
 
 
 class SDXLRoles(TextToImageRoles):

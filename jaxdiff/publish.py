@@ -28,6 +28,7 @@ import numpy as np
 from jaxdiff.config import ConfigError
 from jaxdiff.files import honour_umask
 from jaxdiff.hub import HubOptions, ModelFilesNotFoundError, hub_offline, resolve_pipeline, weight_names
+from jaxdiff.models.modeling import library_version
 from jaxdiff.weights import read_state_dict, write_state_dict
 
 EXPORT_DTYPES: dict[str, Any] = {"fp32": np.float32, "fp16": np.float16, "bf16": jnp.bfloat16}
@@ -178,13 +179,15 @@ def _model_index_entry(component: Any) -> list[str] | None:
 def export_pipeline(
     output_dir: str | os.PathLike,
     *,
-    base_model: str | os.PathLike,
+    base_model: str | os.PathLike | None,
     components: Mapping[str, Any],
     extras: Mapping[str, Any] | None = None,
     dtype: str = "fp32",
     options: HubOptions | None = None,
+    pipeline_class: str | None = None,
 ) -> Path:
-    """Writes the diffusers pipeline ``base_model`` with ``components`` swapped in to the root of ``output_dir``.
+    """Writes the diffusers pipeline ``base_model`` with ``components`` swapped in to the root of ``output_dir``;
+    without a base (a model trained from scratch), the ``pipeline_class`` pipeline of ``components`` alone.
 
     ``components`` maps a pipeline folder name (``"unet"``, ``"text_encoder"``, ...) to a model with jaxdiff's
     ``save_pretrained(path, *, dtype=...)``, or to a torch diffusers ``ModelMixin`` / transformers
@@ -210,14 +213,22 @@ def export_pipeline(
     def copied(index: dict[str, Any]) -> list[str]:
         return [name for name in _pipeline_components(index) if name not in components and name not in folders]
 
-    base = _resolve_base(base_model, copied, options)
-    index = _read_model_index(base)
+    if base_model is None:
+        if pipeline_class is None:
+            raise ValueError("an export without a base pipeline needs its pipeline_class")
+        base, index = (
+            None,
+            {"_class_name": pipeline_class, "_diffusers_version": library_version("diffusers", "0.35.0")},
+        )
+    else:
+        base = _resolve_base(base_model, copied, options)
+        index = _read_model_index(base)
     unknown = [n for n, c in components.items() if n not in index and _model_index_entry(c) is None]
     unknown += [n for n in folders if n not in index]
     if unknown:
         raise ValueError(f"components {unknown} are not in the base {MODEL_INDEX} and do not name a torch class")
     output_dir.mkdir(parents=True, exist_ok=True)
-    in_place = base.resolve() == output_dir.resolve()
+    in_place = base is not None and base.resolve() == output_dir.resolve()
     if not in_place:  # back only once the export is whole
         (output_dir / MODEL_INDEX).unlink(missing_ok=True)
     for name in copied(index):

@@ -15,7 +15,7 @@ import numpy as np
 from jaxdiff.config import ConfigError, TrainConfig
 from jaxdiff.data import LatentCache, SourceSpec, TransformSpec, build_latent_cache
 from jaxdiff.metrics import MetricsLogger, ProgressBar, check_finite_loss
-from jaxdiff.tasks.base import Task
+from jaxdiff.tasks.base import LatentCacheTask
 
 log = logging.getLogger("jaxdiff")
 
@@ -52,24 +52,40 @@ def max_train_steps(config: TrainConfig, samples_per_epoch: int | None, step_bat
     return config.num_train_epochs * math.ceil(samples_per_epoch / step_batch_size)
 
 
+def validation_prompts(config: TrainConfig) -> list[str]:
+    """The prompt of each grid a validation samples: --validation_prompts, or for an unconditional model one grid
+    (prompt "")."""
+    return [""] if config.task == "unconditional" else list(config.validation_prompts or [])
+
+
+def _epochs_crossed(every: int | None, epochs_before: int, epochs_after: int) -> bool:
+    """Whether a multiple of ``every`` epochs was completed between the two counts (a step may complete several
+    epochs of a tiny dataset)."""
+    return bool(every) and epochs_after // every > epochs_before // every
+
+
 def should_validate(config: TrainConfig, step: int, epochs_before: int, epochs_after: int) -> bool:
     """Whether to sample the validation prompts after ``step``, given the data's completed epochs before and
-    after its batch (a step may complete several epochs of a tiny dataset)."""
+    after its batch."""
     if config.validation_steps:
         return step % config.validation_steps == 0
-    if config.validation_epochs:
-        return epochs_after // config.validation_epochs > epochs_before // config.validation_epochs
-    return False
+    return _epochs_crossed(config.validation_epochs, epochs_before, epochs_after)
+
+
+def should_export(config: TrainConfig, epochs_before: int, epochs_after: int) -> bool:
+    """Whether to export the pipeline after a step that took the data's completed epochs from ``epochs_before`` to
+    ``epochs_after`` (--save_model_epochs; the final export happens anyway)."""
+    return _epochs_crossed(config.save_model_epochs, epochs_before, epochs_after)
 
 
 def should_validate_final(config: TrainConfig, step: int, last_validated: int | None) -> bool:
-    """Whether to sample the final weights after the last ``step``: always when there are prompts (as diffusers'
-    scripts do), unless the loop has just validated that step."""
-    return bool(config.validation_prompts) and last_validated != step
+    """Whether to sample the final weights after the last ``step``: always when there is something to sample (as
+    diffusers' scripts do), unless the loop has just validated that step."""
+    return bool(validation_prompts(config)) and last_validated != step
 
 
 def open_latent_cache(
-    config: TrainConfig, task: Task, source: SourceSpec, transform: TransformSpec, batch_size: int
+    config: TrainConfig, task: LatentCacheTask, source: SourceSpec, transform: TransformSpec, batch_size: int
 ) -> LatentCache | None:
     """With --cache_latents, the task's cache of VAE latents and text states (encoded now unless on disk)."""
     if not config.cache_latents:

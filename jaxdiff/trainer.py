@@ -325,7 +325,7 @@ class Trainer(TrainLoop):
         )
         resume = resolve_resume(config.resume_from_checkpoint, self.out / "checkpoints")
         if resume is None:
-            log.info("starting from the pretrained weights (no checkpoint to resume from)")
+            log.info("starting from the initial weights (no checkpoint to resume from)")
             self.state = self.program.init_state(initial_params(self.task, self.program.state_shardings["params"]))
             self.start_step = 0
         else:
@@ -388,7 +388,7 @@ class Trainer(TrainLoop):
 
         Every process samples (one computation over the mesh); process 0 gathers the images and writes them."""
         cfg = self.config
-        prompts = cfg.validation_prompts or []
+        prompts = run.validation_prompts(cfg)
         if not prompts:
             return
         rng = jax.random.fold_in(jax.random.PRNGKey(cfg.seed), 2**31 - 1)
@@ -452,9 +452,13 @@ class Trainer(TrainLoop):
         """By epochs, process 0's count decides (hosts that skipped different numbers of samples, or read
         different shards of a stream, may disagree on when an epoch ended)."""
         decision = super().should_validate(step, epochs_before)
-        if self.config.validation_epochs:
-            return parallel.process_zero_decides(decision)
-        return decision
+        by_epochs = self.config.validation_epochs and not self.config.validation_steps
+        return parallel.process_zero_decides(decision) if by_epochs else decision
+
+    def should_export(self, step: int, epochs_before: int) -> bool:
+        """Process 0's epoch count decides, as for `should_validate`."""
+        decision = super().should_export(step, epochs_before)
+        return parallel.process_zero_decides(decision) if self.config.save_model_epochs else decision
 
 
 def export_trained(
@@ -491,7 +495,13 @@ def export_trained(
     options = HubOptions.from_config(cfg)
     components.update(task.copied_components)
     export_pipeline(
-        output_dir, base_model=task.model_path, components=components, extras=extras, dtype=dtype, options=options
+        output_dir,
+        base_model=task.model_path,
+        components=components,
+        extras=extras,
+        dtype=dtype,
+        options=options,
+        pipeline_class=task.export_pipeline_class,
     )
 
 

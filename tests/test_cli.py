@@ -163,8 +163,9 @@ def test_no_traceback_from_a_real_process(tmp_path):
     assert "--snr_gamma='-1': Input should be greater than 0" in proc.stderr
 
 
-def test_unimplemented_task_says_so_plainly(sd_folder, capsys):
+def test_a_pipeline_without_a_unet_2d_model_is_one_message(sd_folder, capsys):
     model, data = sd_folder
     argv = ["--pretrained_model_name_or_path", str(model), "--train_data_dir", str(data), "--task", "unconditional"]
     code, _, err = run_main(argv, capsys)
-    assert code == 2 and "task unconditional is not implemented yet in the jax backend" in err
+    assert code == 2 and "Traceback" not in err
+    assert f"--pretrained_model_name_or_path={str(model)!r} has no unet/config.json" in err

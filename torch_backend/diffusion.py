@@ -5,6 +5,7 @@ The noise schedule itself (add_noise, velocity, SNR) is diffusers' ``DDPMSchedul
 diffusers' scripts compute inline is here.
 """
 
+import numpy as np
 import torch
 from diffusers import DDPMScheduler
 from diffusers.training_utils import compute_snr
@@ -12,6 +13,33 @@ from diffusers.training_utils import compute_snr
 from jaxdiff.diffusion.lcm import guidance_frequencies
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+
+
+def denoising_draws(
+    generator: torch.Generator,
+    shape: tuple[int, ...],
+    num_train_timesteps: int,
+    timestep_weights: np.ndarray | None = None,
+    noise_offset: float = 0.0,
+    input_perturbation: float = 0.0,
+) -> dict[str, torch.Tensor]:
+    """The draws of one denoising step for a batch of ``shape`` (B, C, h, w) on the generator's device
+    (jaxdiff.diffusion.denoising_draws with torch's generator: same keys, distributions, noise offset and
+    perturbation semantics)."""
+    device = generator.device
+    noise = torch.randn(shape, generator=generator, device=device)
+    if noise_offset:
+        noise = noise + noise_offset * torch.randn((*shape[:2], 1, 1), generator=generator, device=device)
+    noise_in = noise
+    if input_perturbation:
+        noise_in = noise + input_perturbation * torch.randn(shape, generator=generator, device=device)
+    if timestep_weights is None:
+        timesteps = torch.randint(0, num_train_timesteps, (shape[0],), generator=generator, device=device)
+    else:
+        probs = torch.as_tensor(timestep_weights, dtype=torch.float32, device=device)
+        timesteps = torch.multinomial(probs, shape[0], replacement=True, generator=generator)
+    latent_eps = torch.randn(shape, generator=generator, device=device)
+    return {"noise": noise, "noise_in": noise_in, "timesteps": timesteps, "latent_eps": latent_eps}
 
 
 def training_target(

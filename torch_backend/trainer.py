@@ -206,7 +206,7 @@ class Trainer(TrainLoop):
         self.is_main, self.start_step = acc.is_main_process, 0
         resume = resolve_resume(config.resume_from_checkpoint, self.out / "checkpoints")
         if resume is None:
-            log.info("starting from the pretrained weights (no checkpoint to resume from)")
+            log.info("starting from the initial weights (no checkpoint to resume from)")
         else:
             path, self.start_step = resume
             self.data.set_state(self.checkpointer.restore(path))
@@ -303,7 +303,7 @@ class Trainer(TrainLoop):
     def validate(self, step: int, metrics_logger: MetricsLogger) -> None:
         """Sample every validation prompt with the current (EMA) weights on the main process; save PNG grids."""
         cfg, acc = self.config, self.accelerator
-        prompts = cfg.validation_prompts or []
+        prompts = run.validation_prompts(cfg)
         if not prompts:
             return
         if acc.is_main_process:
@@ -391,7 +391,13 @@ def export_trained(
     components = trained | task.copied_components
     options = HubOptions.from_config(cfg)
     export_pipeline(
-        output_dir, base_model=task.model_path, components=components, extras=targets, dtype=dtype, options=options
+        output_dir,
+        base_model=task.model_path,
+        components=components,
+        extras=targets,
+        dtype=dtype,
+        options=options,
+        pipeline_class=task.export_pipeline_class,
     )
 
 

@@ -14,6 +14,8 @@ from jaxdiff.diffusion.samplers import (
     ddim_sample,
     ddim_step,
     ddim_timesteps,
+    ddpm_sample,
+    ddpm_step,
     euler_init_noise_sigma,
     euler_sample,
     euler_scale_model_input,
@@ -36,6 +38,7 @@ from jaxdiff.diffusion.schedule import (
     training_target,
 )
 from jaxdiff.diffusion.training import (
+    denoising_draws,
     host_draws,
     min_snr_loss_weights,
     offset_noise,
@@ -56,6 +59,9 @@ __all__ = [
     "ddim_sample",
     "ddim_step",
     "ddim_timesteps",
+    "ddpm_sample",
+    "ddpm_step",
+    "denoising_draws",
     "euler_init_noise_sigma",
     "euler_sample",
     "euler_scale_model_input",

@@ -1,4 +1,5 @@
-"""DDIM, Euler and LCM samplers with the semantics of diffusers' DDIMScheduler, EulerDiscreteScheduler, LCMScheduler.
+"""DDPM, DDIM, Euler and LCM samplers with the semantics of diffusers' DDPMScheduler, DDIMScheduler,
+EulerDiscreteScheduler and LCMScheduler.
 
 A sampler is driven by `model_fn(x_t, t) -> model_output` with `t` of shape (B,) (int32 for DDIM and LCM, float32
 for Euler, as diffusers passes them to the UNet). The timestep grid depends only on static options, so it is built on
@@ -124,6 +125,50 @@ def ddim_sample(schedule: NoiseSchedule, model_fn: ModelFn, noise: jax.Array, nu
     def body(i: jax.Array, x: jax.Array) -> jax.Array:
         t = timesteps[i]
         return ddim_step(schedule, model_fn(x, _fill_batch(t, x)), t, x, num_inference_steps)[0]
+
+    return jax.lax.fori_loop(0, timesteps.shape[0], body, noise)
+
+
+# DDPM ------------------------------------------------------------------------------------------------------------
+
+
+def ddpm_step(
+    schedule: NoiseSchedule,
+    model_output: jax.Array,
+    timestep: jax.Array,
+    sample: jax.Array,
+    num_inference_steps: int,
+    variance_noise: jax.Array,
+) -> jax.Array:
+    """One ancestral DDPM step from `timestep` (a scalar): the posterior mean of x_prev given the (clipped) predicted
+    x_0, plus its fixed standard deviation times `variance_noise` (none at t = 0), as DDPMScheduler.step."""
+    prev_timestep = timestep - schedule.num_train_timesteps // num_inference_steps
+    alpha_bar = schedule.alphas_cumprod[timestep]
+    alpha_bar_prev = jnp.where(prev_timestep >= 0, schedule.alphas_cumprod[jnp.maximum(prev_timestep, 0)], 1.0)
+    alpha, beta = alpha_bar / alpha_bar_prev, 1.0 - alpha_bar / alpha_bar_prev
+    pred_x0, _ = predict_x0_and_noise(model_output, sample, alpha_bar, schedule.prediction_type)
+    pred_x0 = _clip_x0(schedule, pred_x0)
+    mean = (jnp.sqrt(alpha_bar_prev) * beta * pred_x0 + jnp.sqrt(alpha) * (1.0 - alpha_bar_prev) * sample) / (
+        1.0 - alpha_bar
+    )
+    if schedule.variance_type == "fixed_large":
+        variance = beta
+    else:  # fixed_small (fixed_small_log has the same standard deviation)
+        variance = jnp.maximum((1.0 - alpha_bar_prev) / (1.0 - alpha_bar) * beta, 1e-20)
+    return mean + jnp.where(timestep > 0, jnp.sqrt(variance), 0.0) * variance_noise
+
+
+def ddpm_sample(
+    schedule: NoiseSchedule, model_fn: ModelFn, noise: jax.Array, num_inference_steps: int, rng: jax.Array
+) -> jax.Array:
+    """Runs the DDPM chain from `noise` (unit Gaussian) over DDPMScheduler's `num_inference_steps` timesteps, step
+    i's variance noise drawn from `fold_in(rng, i)`; returns x_0."""
+    timesteps = jnp.asarray(ddim_timesteps(schedule, num_inference_steps))
+
+    def body(i: jax.Array, x: jax.Array) -> jax.Array:
+        t = timesteps[i]
+        variance_noise = jax.random.normal(jax.random.fold_in(rng, i), x.shape, x.dtype)
+        return ddpm_step(schedule, model_fn(x, _fill_batch(t, x)), t, x, num_inference_steps, variance_noise)
 
     return jax.lax.fori_loop(0, timesteps.shape[0], body, noise)
 

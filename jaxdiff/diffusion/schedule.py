@@ -23,6 +23,8 @@ TimestepSpacing = Literal["leading", "trailing", "linspace"]
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
+#: DDPMScheduler's fixed posterior variances (the learned ones need a UNet that predicts them).
+VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large")
 
 # Keys whose only supported value is diffusers' default; any other value changes the sampler and is refused.
 _FIXED_KEYS: dict[str, Any] = {
@@ -54,6 +56,7 @@ class NoiseSchedule:
     rescale_betas_zero_snr: bool = False
     original_inference_steps: int = 50
     timestep_scaling: float = 10.0
+    variance_type: str = "fixed_small"
 
     @property
     def num_train_timesteps(self) -> int:
@@ -73,6 +76,7 @@ class NoiseSchedule:
         get = config.get
         check_choice("prediction_type", get("prediction_type", "epsilon"), PREDICTION_TYPES)
         check_choice("timestep_spacing", get("timestep_spacing", "leading"), TIMESTEP_SPACINGS)
+        check_choice("variance_type", get("variance_type", "fixed_small"), VARIANCE_TYPES)
         for key, allowed in _FIXED_KEYS.items():
             # diffusers writes None for "not set" in some of these (use_karras_sigmas=None means False).
             if get(key) is not None and get(key) != allowed:
@@ -100,6 +104,7 @@ class NoiseSchedule:
             rescale_betas_zero_snr=rescale,
             original_inference_steps=int(get("original_inference_steps", 50)),
             timestep_scaling=float(get("timestep_scaling", 10.0)),
+            variance_type=get("variance_type", "fixed_small"),
         )
 
 

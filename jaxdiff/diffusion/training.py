@@ -87,6 +87,29 @@ def perturb_noise(rng: jax.Array, noise: jax.Array, input_perturbation: float) -
     return noise + input_perturbation * jax.random.normal(rng, noise.shape, noise.dtype)
 
 
+def denoising_draws(
+    rng: jax.Array,
+    shape: tuple[int, ...],
+    num_train_timesteps: int,
+    timestep_weights: np.ndarray | None = None,
+    noise_offset: float = 0.0,
+    input_perturbation: float = 0.0,
+) -> dict[str, jax.Array]:
+    """The on-device draws of one denoising step for a batch of `shape` (B, C, h, w), the keys of `host_draws`:
+    `noise`, `noise_in`, `timesteps` and `latent_eps` (unused draws cost nothing under jit)."""
+    keys = jax.random.split(rng, 5)
+    noise = jax.random.normal(keys[0], shape)
+    if noise_offset:
+        noise = offset_noise(keys[1], noise, noise_offset)
+    noise_in = perturb_noise(keys[2], noise, input_perturbation) if input_perturbation else noise
+    return {
+        "noise": noise,
+        "noise_in": noise_in,
+        "timesteps": sample_timesteps(keys[3], shape[0], num_train_timesteps, timestep_weights),
+        "latent_eps": jax.random.normal(keys[4], shape),
+    }
+
+
 def per_sample_loss(
     prediction: jax.Array, target: jax.Array, loss_type: LossType = "l2", huber_c: float = 0.001
 ) -> jax.Array:

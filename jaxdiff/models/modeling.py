@@ -4,6 +4,7 @@
 import dataclasses
 import importlib.metadata
 import json
+import math
 import os
 import warnings
 from collections.abc import Callable, Mapping
@@ -83,6 +84,48 @@ class PretrainedWeights:
         weights.load_state_dict(model, self.state_dict())
 
 
+def torch_default_init(params: nnx.State, key: jax.Array) -> nnx.State:
+    """Values for a model's parameters (``params``: their shapes and dtypes) as torch initialises a new module:
+    the kernel and bias of each linear and conv layer U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (fan_in = every kernel
+    axis but the last), norm scales 1 and biases 0. Each parameter draws from its own fold of ``key``."""
+    flat, treedef = jax.tree_util.tree_flatten_with_path(params)
+
+    def split(path: tuple) -> tuple[tuple, str]:  # (the layer's path, the parameter's name)
+        return tuple(path[:-2]), path[-2].key
+
+    fan_in = {split(p)[0]: math.prod(leaf.shape[:-1]) for p, leaf in flat if split(p)[1] == "kernel"}
+    values = []
+    for index, (path, leaf) in enumerate(flat):
+        layer, name = split(path)
+        if name in ("kernel", "bias") and layer in fan_in:
+            bound = 1.0 / math.sqrt(fan_in[layer])
+            values.append(jax.random.uniform(jax.random.fold_in(key, index), leaf.shape, leaf.dtype, -bound, bound))
+        elif name in ("scale", "bias"):
+            values.append((jnp.ones if name == "scale" else jnp.zeros)(leaf.shape, leaf.dtype))
+        else:
+            raise ValueError(f"no torch default initialisation for parameter {jax.tree_util.keystr(path)}")
+    return jax.tree_util.tree_unflatten(treedef, values)
+
+
+@dataclasses.dataclass(frozen=True)
+class RandomInit:
+    """The weights of a model trained from scratch, in place of a weights file: `torch_default_init` from ``seed``,
+    drawn on the devices by one compiled function that writes each parameter straight into its sharding."""
+
+    seed: int
+
+    def state_dict(self) -> Mapping[str, np.ndarray]:
+        """No tensors come from files."""
+        return {}
+
+    def load_into(self, model: nnx.Module, shardings: Any = None) -> None:
+        """Fills ``model``'s parameters (abstract or not) in place, placed by ``shardings`` (a tree like
+        ``nnx.state(model, nnx.Param)``; None: the default device)."""
+        shapes = jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, p.dtype), nnx.state(model, nnx.Param))
+        init = jax.jit(lambda key: torch_default_init(shapes, key), out_shardings=shardings)
+        nnx.update(model, init(jax.random.PRNGKey(self.seed)))
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """Base of model configs: frozen dataclasses whose fields are the torch library's ``config.json`` keys,
@@ -120,7 +163,8 @@ class ModelConfig:
             )
 
 
-def _version(package: str, fallback: str) -> str:
+def library_version(package: str, fallback: str) -> str:
+    """The installed version of ``package``, else ``fallback``."""
     try:
         return importlib.metadata.version(package)
     except importlib.metadata.PackageNotFoundError:
@@ -201,6 +245,24 @@ class PretrainedModel(nnx.Module):
             nnx.update(model, jax.jit(lambda: nnx.state(build(nnx.Rngs(0)), nnx.Not(nnx.Param)))())
         return model, weights_file
 
+    @classmethod
+    def abstract_from_config(
+        cls,
+        config: Mapping[str, Any] | ModelConfig,
+        *,
+        seed: int,
+        dtype: DTypeLike = jnp.float32,
+        param_dtype: DTypeLike = jnp.float32,
+        **kwargs: Any,
+    ) -> tuple[Self, RandomInit]:
+        """The model of ``config`` built abstractly (no memory), and its `RandomInit` from ``seed`` (a new model,
+        as `abstract_from_pretrained` gives a pretrained one; other keyword arguments go to the constructor)."""
+        model_config = cls._config(config)
+        model = abstract_model(
+            lambda rngs: cls(model_config, dtype=dtype, param_dtype=param_dtype, rngs=rngs, **kwargs)
+        )
+        return model, RandomInit(seed)
+
     def save_pretrained(
         self,
         path: str | os.PathLike,
@@ -223,7 +285,7 @@ class PretrainedModel(nnx.Module):
         if self.config_format == "diffusers":
             config = {
                 "_class_name": self.torch_class_name,
-                "_diffusers_version": _version("diffusers", "0.35.0"),
+                "_diffusers_version": library_version("diffusers", "0.35.0"),
                 **config,
             }
         else:
@@ -232,7 +294,7 @@ class PretrainedModel(nnx.Module):
                 "architectures": [self.torch_class_name],
                 "model_type": self.config_class.model_type,
                 "dtype": np.dtype(stored).name,
-                "transformers_version": _version("transformers", "5.0.0"),
+                "transformers_version": library_version("transformers", "5.0.0"),
             }
         with open(os.path.join(path, "config.json"), "w") as f:
             f.write(json.dumps(config, indent=2, sort_keys=True) + "\n")

@@ -8,6 +8,7 @@ from jaxdiff.tasks.dreambooth import dreambooth
 from jaxdiff.tasks.lcm import lcm, lcm_lora, lcm_sdxl
 from jaxdiff.tasks.sdxl import SDXL
 from jaxdiff.tasks.text_to_image import TextToImage
+from jaxdiff.tasks.unconditional import Unconditional
 
 #: Each task's constructor from the run's config (DreamBooth's and LCM-LoRA's pick the SD or SDXL variant from the
 #: base model).
@@ -18,4 +19,5 @@ TASKS: dict[str, Callable[[TrainConfig], JaxTask]] = {
     "lcm": lcm,
     "lcm_sdxl": lcm_sdxl,
     "lcm_lora": lcm_lora,
+    "unconditional": Unconditional,
 }

@@ -1,8 +1,9 @@
 """The interface of a task plug-in: what the loop and the trainers of both backends read of a task, typed once.
 
 `Task` is the part both backends share (the models and which of their parameters train, the step's random
-draws, the loss, the latent cache's encoders, what the export starts from); `JaxTask` adds what the JAX trainer
-needs to load, shard and compile the step without weights and to sample with jit. The torch tasks
+draws, the loss, what the export starts from); `LatentCacheTask` adds the encoders of tasks with a VAE and text
+encoders (what --cache_latents runs); `JaxTask` adds what the JAX trainer needs to load, shard and compile the step
+without weights and to sample with jit. The torch tasks
 (``torch_backend.tasks``) fit `Task` with torch modules and tensors and add their own sampler
 (``torch_backend.tasks.TorchTask``). ``jaxdiff.objective`` holds the framework-free parts the tasks share.
 """
@@ -27,8 +28,11 @@ class Task(Protocol):
     #: The ``--task`` name.
     name: ClassVar[str]
     config: TrainConfig
-    #: The base pipeline (Hub id or folder) the export copies untrained components from.
-    model_path: str
+    #: The base pipeline (Hub id or folder) the export copies untrained components from; None: the export is the
+    #: trained modules and `copied_components` alone, a pipeline of `export_pipeline_class`.
+    model_path: str | None
+    #: The ``_class_name`` of an export without a base pipeline (e.g. DDPMPipeline), else None.
+    export_pipeline_class: str | None
 
     @property
     def lora(self) -> LoRASettings | None:
@@ -81,6 +85,13 @@ class Task(Protocol):
         processes) and log the metrics beside loss, grad_norm and lr."""
         ...
 
+
+class LatentCacheTask(Protocol):
+    """What the latent cache (--cache_latents) reads of a task with a frozen VAE and text encoders."""
+
+    @property
+    def tokenizers(self) -> tuple[Any, ...]: ...
+
     def encode_images(self, pixel_values: np.ndarray) -> tuple[Any, Any]:
         """(mean, logvar) of the frozen VAE's latent distribution, for the latent cache."""
         ...
@@ -97,7 +108,8 @@ class Task(Protocol):
 class JaxTask(Task, Protocol):
     """A task of the JAX backend: abstract models (shapes only) whose weights the trainer reads, sharded."""
 
-    #: Each module's weights file, read by the trainer straight into sharded arrays.
+    #: Each module's weights file (`RandomInit` for a model trained from scratch), read by the trainer straight into
+    #: sharded arrays.
     pretrained: dict[str, Any]
 
     @property
@@ -110,7 +122,7 @@ class JaxTask(Task, Protocol):
         ...
 
     def tokenize(self, prompts: list[str]) -> dict[str, np.ndarray]:
-        """Token ids of validation prompts, as `sample` takes them."""
+        """Token ids of validation prompts, as `sample` takes them (unconditional: one row per image to sample)."""
         ...
 
     def sample(self, models: dict[str, Any], prompt_ids: Batch, rng: Any) -> Any:

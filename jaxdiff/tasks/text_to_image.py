@@ -165,19 +165,14 @@ class TextToImage(TextToImageRoles):
         with partitionable threefry the numbers do not depend on the mesh.
         """
         cfg = self.config
-        keys = jax.random.split(rng, 5)
-        shape = (batch_size, *self.latent_shape)
-        noise = jax.random.normal(keys[0], shape)
-        if cfg.noise_offset:
-            noise = diffusion.offset_noise(keys[1], noise, cfg.noise_offset)
-        noise_in = diffusion.perturb_noise(keys[2], noise, cfg.input_perturbation) if cfg.input_perturbation else noise
-        timesteps = diffusion.sample_timesteps(keys[3], batch_size, self.num_train_timesteps, self.timestep_weights)
-        draws = {
-            "noise": noise,
-            "noise_in": noise_in,
-            "timesteps": timesteps,
-            "latent_eps": jax.random.normal(keys[4], shape),
-        }
+        draws = diffusion.denoising_draws(
+            rng,
+            (batch_size, *self.latent_shape),
+            self.num_train_timesteps,
+            self.timestep_weights,
+            cfg.noise_offset,
+            cfg.input_perturbation,
+        )
         return {**draws, **self.draw_dropout_seeds(rng, batch_size)}
 
     def draw_dropout_seeds(self, rng: jax.Array, batch_size: int) -> Batch:

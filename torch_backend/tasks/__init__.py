@@ -13,6 +13,7 @@ from torch_backend.tasks.dreambooth import dreambooth
 from torch_backend.tasks.lcm import lcm, lcm_lora, lcm_sdxl
 from torch_backend.tasks.sdxl import SDXL
 from torch_backend.tasks.text_to_image import TextToImage
+from torch_backend.tasks.unconditional import Unconditional
 
 
 class TorchTask(Task, Protocol):
@@ -34,4 +35,5 @@ TASKS: dict[str, Callable[[TrainConfig, torch.device], TorchTask]] = {
     "lcm": lcm,
     "lcm_sdxl": lcm_sdxl,
     "lcm_lora": lcm_lora,
+    "unconditional": Unconditional,
 }

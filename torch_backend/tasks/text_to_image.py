@@ -27,7 +27,7 @@ from jaxdiff.data.fingerprint import hash_json
 from jaxdiff.data.transforms import tokenize
 from jaxdiff.hub import HubOptions, ModelFilesNotFoundError, resolve_model, resolve_pipeline
 from jaxdiff.objective import TextToImageRoles
-from torch_backend.diffusion import per_sample_loss, snr_weighted_mean, training_target
+from torch_backend.diffusion import denoising_draws, per_sample_loss, snr_weighted_mean, training_target
 from torch_backend.lora import add_lora
 
 #: Dtype of the frozen models (and of autocast) per --mixed_precision; trained weights stay float32.
@@ -48,7 +48,7 @@ def load_pretrained(cls: Any, path: Path, *, allow_pickle: bool = True, **kwargs
         raise ModelFilesNotFoundError(f"cannot load {cls.__name__} from {os.fspath(path)!r}{hint}: {err}") from None
 
 
-def _weights(options: HubOptions) -> dict[str, Any]:
+def weight_kwargs(options: HubOptions) -> dict[str, Any]:
     """from_pretrained arguments choosing the weight files the resolver fetched."""
     return {
         "variant": options.variant,
@@ -87,9 +87,9 @@ class TextToImage(TextToImageRoles):
             self.scheduler.register_to_config(prediction_type=config.prediction_type)
         self.unet = self.load_unet(root, options)
         for name in self.text_encoder_names:
-            encoder = load_pretrained(self.text_encoder_classes[name], root / name, **_weights(options))
+            encoder = load_pretrained(self.text_encoder_classes[name], root / name, **weight_kwargs(options))
             setattr(self, name, encoder)
-        self.vae = load_pretrained(AutoencoderKL, self.vae_folder, **_weights(vae_options))
+        self.vae = load_pretrained(AutoencoderKL, self.vae_folder, **weight_kwargs(vae_options))
 
         # Trained weights in float32; frozen ones (with LoRA the adapted modules' base weights too) in the compute
         # dtype, except a VAE marked force_upcast (as in the JAX task, which keeps such a VAE, e.g. SDXL's, in
@@ -128,7 +128,7 @@ class TextToImage(TextToImageRoles):
 
     def load_unet(self, root: Path, options: HubOptions) -> UNet2DConditionModel:
         """The UNet that trains (or gets the adapters), loaded from the pipeline's ``unet/``."""
-        return load_pretrained(UNet2DConditionModel, root / "unet", **_weights(options))
+        return load_pretrained(UNet2DConditionModel, root / "unet", **weight_kwargs(options))
 
     @property
     def weight_dtype(self) -> torch.dtype:
@@ -143,22 +143,11 @@ class TextToImage(TextToImageRoles):
     def draw(self, generator: torch.Generator, batch_size: int) -> Batch:
         """Every random number one optimizer step needs, per sample, for ``batch_size`` samples (the JAX task's
         ``draw`` with torch's generator: same keys, distributions, noise offset and perturbation semantics)."""
-        cfg, device = self.config, self.device
+        cfg = self.config
         shape = (batch_size, *self.latent_shape)
-        noise = torch.randn(shape, generator=generator, device=device)
-        if cfg.noise_offset:
-            noise = noise + cfg.noise_offset * torch.randn((*shape[:2], 1, 1), generator=generator, device=device)
-        noise_in = noise
-        if cfg.input_perturbation:
-            noise_in = noise + cfg.input_perturbation * torch.randn(shape, generator=generator, device=device)
-        num_timesteps = self.num_train_timesteps
-        if self.timestep_weights is None:
-            timesteps = torch.randint(0, num_timesteps, (batch_size,), generator=generator, device=device)
-        else:
-            probs = torch.as_tensor(self.timestep_weights, dtype=torch.float32, device=device)
-            timesteps = torch.multinomial(probs, batch_size, replacement=True, generator=generator)
-        latent_eps = torch.randn(shape, generator=generator, device=device)
-        return {"noise": noise, "noise_in": noise_in, "timesteps": timesteps, "latent_eps": latent_eps}
+        return denoising_draws(
+            generator, shape, self.num_train_timesteps, self.timestep_weights, cfg.noise_offset, cfg.input_perturbation
+        )
 
     def encode_images(self, pixel_values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(mean, logvar) of the frozen VAE's latent distribution, for the latent cache."""
