@@ -606,10 +606,10 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=16, help="Images in the generated imagefolder.")
     parser.add_argument(
         "--attention",
-        choices=("xla", "cudnn", "chunked"),
+        choices=("auto", "xla", "cudnn", "chunked", "splash"),
         default=None,
         help="jaxdiff's attention_implementation. Default: chunked on CPU (XLA:CPU has no fused attention "
-        "kernel), xla on GPU (cudnn's fused kernel is worth a run too; it requires head dims it supports).",
+        "kernel), xla on GPU (cudnn: its fused kernel, XLA's for layers it cannot run; auto: the trainer's choice).",
     )
     parser.add_argument(
         "--mesh",

@@ -66,6 +66,8 @@ from jaxdiff.demo import save_tiny_clip_tokenizer
 from jaxdiff.tasks import TASKS
 
 GIB = 2**30
+ATTENTIONS = ("xla", "chunked", "splash")
+OPTIMIZERS = ("adamw", "adam8bit")
 
 # ---- TPU topologies ------------------------------------------------------------------------------------------
 
@@ -572,6 +574,7 @@ class Compiled:
     argument_bytes: int | None = None
     temp_bytes: int | None = None
     flops: float | None = None
+    pallas_kernels: int = 0  # Mosaic (Pallas TPU) kernel calls in the compiled program: splash attention's
     compile_s: float = 0.0
     message: str | None = None  # why it does not fit
 
@@ -613,6 +616,7 @@ def train_config(args: argparse.Namespace, pipeline: Path, per_device_batch: int
             "use_ema": args.use_ema,
             "cache_latents": args.cache_latents,
             "attention_implementation": args.attention_implementation,
+            "use_8bit_adam": args.use_8bit_adam,
             "seed": 0,
             **(DREAMBOOTH if args.task == "dreambooth" else {}),
         }
@@ -637,10 +641,13 @@ def build_program(config: Any, devices: Sequence[Any]) -> tuple[Any, dict]:
     return program, task.abstract_batch(batch_size * config.gradient_accumulation_steps)
 
 
-def compile_step(program: Any, batch: dict, hbm_bytes: int) -> Compiled:
-    """Compiles the step; a program that does not fit in HBM is a result (``fits`` False), not an error."""
-    closed = forward_jaxpr(program, batch)
-    counts = (*model_flops(program, closed), idle_frozen_bytes(program, closed))
+def compile_step(program: Any, batch: dict, hbm_bytes: int, counted: Any = None) -> Compiled:
+    """Compiles the step; a program that does not fit in HBM is a result (``fits`` False), not an error. The model
+    FLOPs are counted in ``counted`` (default: ``program``): the same step with XLA attention when ``program`` runs a
+    Pallas kernel, whose matmuls a jaxpr does not show as the model's."""
+    counted = counted or program
+    closed = forward_jaxpr(counted, batch)
+    counts = (*model_flops(counted, closed), idle_frozen_bytes(counted, closed))
     start = time.perf_counter()
     lowered = program.step_fn.lower(program.abstract_state, program.abstract_frozen, batch)
     try:
@@ -662,6 +669,7 @@ def compile_step(program: Any, batch: dict, hbm_bytes: int) -> Compiled:
         argument_bytes=int(memory.argument_size_in_bytes),
         temp_bytes=int(memory.temp_size_in_bytes),
         flops=float(cost["flops"]) * program.mesh.size,
+        pallas_kernels=compiled.as_text().count('custom_call_target="tpu_custom_call"'),
         compile_s=seconds,
     )
     if result.peak_bytes > hbm_bytes:
@@ -717,8 +725,12 @@ def run_topology(args: argparse.Namespace, pipeline: Path, name: str) -> dict[st
     topology = make_topology(name)
 
     def measure(batch: int, checkpointing: bool) -> tuple[Compiled, Any]:
-        program, abstract_batch = build_program(train_config(args, pipeline, batch, checkpointing), topology.devices)
-        result = compile_step(program, abstract_batch, topology.hbm_bytes)
+        config = train_config(args, pipeline, batch, checkpointing)
+        program, abstract_batch = build_program(config, topology.devices)
+        counted = None
+        if config.attention_implementation == "splash":
+            counted = build_program(config.model_copy(update={"attention_implementation": "xla"}), topology.devices)[0]
+        result = compile_step(program, abstract_batch, topology.hbm_bytes, counted)
         if args.verbose:
             state = f"peak {_gib(result.peak_bytes)} GiB" if result.fits else "does not fit"
             print(
@@ -738,6 +750,8 @@ def run_topology(args: argparse.Namespace, pipeline: Path, name: str) -> dict[st
         "model": args.model,
         "task": program.config.task,
         "resolution": program.config.resolution,
+        "attention": args.attention_implementation,
+        "optimizer": "adam8bit" if args.use_8bit_adam else "adamw",
         "per_device_batch": args.per_device_batch,
         "global_batch": program.batch_size,
         "gradient_checkpointing": args.gradient_checkpointing,
@@ -746,6 +760,7 @@ def run_topology(args: argparse.Namespace, pipeline: Path, name: str) -> dict[st
         "xla_peak_bytes": result.xla_peak_bytes,
         "argument_bytes": result.argument_bytes,
         "temp_bytes": result.temp_bytes,
+        "pallas_kernels": result.pallas_kernels,
         "idle_bytes": result.idle_bytes,
         "hbm_bytes": topology.hbm_bytes,
         "hbm_spec_bytes": topology.hbm_spec_bytes,
@@ -781,7 +796,11 @@ COLUMNS = (
     ("topology", 9),
     ("devices", 7),
     ("mesh", 5),
+    ("attention", 9),
+    ("optimizer", 9),
     ("batch/dev", 9),
+    ("state GiB", 9),
+    ("temp GiB", 8),
     ("peak GiB", 9),
     ("HBM GiB", 8),
     ("peak/HBM", 8),
@@ -802,7 +821,11 @@ def format_row(row: dict[str, Any]) -> str:
         row["topology"],
         row["devices"],
         row["mesh"],
+        row["attention"],
+        row["optimizer"],
         row["per_device_batch"],
+        _gib(row["argument_bytes"]),
+        _gib(row["temp_bytes"]),
         "no fit" if peak is None else _gib(peak),
         _gib(row["hbm_bytes"]),
         "-" if peak is None else f"{peak / row['hbm_bytes']:.0%}",
@@ -815,6 +838,10 @@ def format_row(row: dict[str, Any]) -> str:
         row["compile_s"],
     )
     return "  ".join(f"{v!s:>{w}}" for v, (_, w) in zip(values, COLUMNS, strict=True))
+
+
+def _names(value: str) -> list[str]:
+    return [name.strip() for name in value.split(",") if name.strip()]
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -830,10 +857,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--resolution", default=None, help="image size, N or HxW (height x width; default: the VAE's sample_size)"
     )
-    parser.add_argument("--mixed_precision", default="bf16", choices=["no", "bf16", "fp16"])
+    parser.add_argument("--mixed_precision", default="bf16", choices=["no", "bf16"])
     parser.add_argument("--use_ema", action=argparse.BooleanOptionalAction, default=True, help="keep an EMA copy")
     parser.add_argument("--cache_latents", action="store_true", help="train on cached latents and text states")
-    parser.add_argument("--attention_implementation", default="xla", choices=["xla", "chunked"])
+    parser.add_argument(
+        "--attention_implementation",
+        default="xla",
+        help=f"comma-separated, one row each: {', '.join(ATTENTIONS)} (splash: the Pallas TPU kernel; v3: xla)",
+    )
+    parser.add_argument("--optimizer", default="adamw", help=f"comma-separated, one row each: {', '.join(OPTIMIZERS)}")
     parser.add_argument(
         "--max_batch", action="store_true", help="also find the largest per-device batch, with and without remat"
     )
@@ -842,7 +874,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.per_device_batch < 1:
         raise ConfigError(f"--per_device_batch={args.per_device_batch}: must be at least 1")
-    args.topologies = [name.strip() for name in args.topology.split(",") if name.strip()]
+    args.topologies = _names(args.topology)
+    args.attentions, args.optimizers = _names(args.attention_implementation), _names(args.optimizer)
+    for field, names, allowed in (
+        ("attention_implementation", args.attentions, ATTENTIONS),
+        ("optimizer", args.optimizers, OPTIMIZERS),
+    ):
+        if not names or set(names) - set(allowed):
+            raise ConfigError(f"--{field}={','.join(names)!r}: allowed: {', '.join(allowed)} (comma-separated)")
+    args.attention_implementation, args.use_8bit_adam = args.attentions[0], args.optimizers[0] == "adam8bit"
     for name in args.topologies:
         parse_topology(name)
     if args.model not in MODELS and not (Path(args.model) / "model_index.json").is_file():
@@ -869,9 +909,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not args.json:
             print(f"model {args.model}: train step compiled by libtpu for each topology")
             print("  ".join(f"{title:>{w}}" for title, w in COLUMNS), flush=True)
-        for name in args.topologies:
+        variants = [(name, a, o) for name in args.topologies for a in args.attentions for o in args.optimizers]
+        for name, attention, optimizer in variants:
+            variant = argparse.Namespace(
+                **{**vars(args), "attention_implementation": attention, "use_8bit_adam": optimizer == "adam8bit"}
+            )
             try:
-                row = run_topology(args, pipeline, name)
+                row = run_topology(variant, pipeline, name)
             except ConfigError as err:  # e.g. a --mesh that does not fit this topology's devices
                 row = {"topology": name, "error": str(err)}
             except Exception as err:  # one broken row must not end an unattended run over many topologies

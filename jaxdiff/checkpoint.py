@@ -24,6 +24,7 @@ from types import FrameType
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers
@@ -121,6 +122,32 @@ def resolve_resume(
     return path, int(path.name)
 
 
+def _array_specs(tree: Any) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """Path -> (shape, dtype) of every array leaf: a train state's, or Orbax's metadata of a saved one (which stores
+    named tuples as dicts and tuples as lists: paths name fields and indices alike)."""
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {
+        "/".join(str(getattr(key, "key", getattr(key, "name", getattr(key, "idx", key)))) for key in path): (
+            tuple(leaf.shape),
+            np.dtype(leaf.dtype),
+        )
+        for path, leaf in leaves
+        if hasattr(leaf, "shape")
+    }
+
+
+def _differences(saved: dict, wanted: dict, most: int = 3) -> list[str]:
+    """The first ``most`` differences between two `_array_specs`."""
+    found = [f"{path}: in the checkpoint, not in this run" for path in saved.keys() - wanted.keys()]
+    found += [f"{path}: in this run, not in the checkpoint" for path in wanted.keys() - saved.keys()]
+    found += [
+        f"{path}: saved {saved[path][0]} {saved[path][1]}, this run {wanted[path][0]} {wanted[path][1]}"
+        for path in saved.keys() & wanted.keys()
+        if saved[path] != wanted[path]
+    ]
+    return sorted(found)[:most]
+
+
 def _is_positive_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
@@ -200,6 +227,13 @@ class Checkpointer:
                 DATA_STATE_ITEM: DataStateRestore(),
             }
         )
+        saved = ocp.StandardCheckpointer().metadata(root / str(int(step)) / TRAIN_STATE_ITEM).item_metadata.tree
+        differences = _differences(_array_specs(saved), _array_specs(abstract_train_state))
+        if differences:
+            raise ConfigError(
+                f"checkpoint {root / str(int(step))} does not fit this run's train state (saved with another model, "
+                f"--use_8bit_adam, --use_ema, --lora_rank or --train_text_encoder?): {'; '.join(differences)}"
+            )
         restored = self._manager.restore(int(step), args=args, directory=root)
         return restored[TRAIN_STATE_ITEM], dict(restored[DATA_STATE_ITEM])
 

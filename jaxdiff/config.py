@@ -334,7 +334,9 @@ class TrainConfig(BaseModel):
     lr_num_cycles: int = _field(1, "Hard restarts for cosine_with_restarts.", group="Optimizer", gt=0)
     lr_power: float = _field(1.0, "Power of the polynomial schedule.", group="Optimizer", gt=0.0)
     use_8bit_adam: bool = _field(
-        False, "8-bit AdamW optimizer states (bitsandbytes).", group="Optimizer", backends=("torch",)
+        False,
+        "8-bit AdamW optimizer states: bitsandbytes' AdamW8bit on torch, jaxdiff's blockwise 8-bit Adam on JAX.",
+        group="Optimizer",
     )
     adam_beta1: float = _field(0.9, "AdamW first-moment decay (beta1).", group="Optimizer", ge=0.0, lt=1.0)
     adam_beta2: float = _field(0.999, "AdamW second-moment decay (beta2).", group="Optimizer", ge=0.0, lt=1.0)
@@ -527,11 +529,20 @@ class TrainConfig(BaseModel):
     gradient_checkpointing: bool = _field(
         False, "Recompute activations in the backward pass to save memory.", group="Memory and speed"
     )
-    attention_implementation: Literal["auto", "xla", "cudnn", "chunked"] = _field(
+    vae_dtype: Literal["fp32", "bf16", "fp16"] | None = _field(
+        None,
+        "(jaxdiff) dtype of the frozen VAE. Default: float32 when its config.json sets force_upcast (SDXL's VAE), "
+        "else the compute dtype of --mixed_precision (SD 1.5's, as diffusers' scripts cast it).",
+        group="Memory and speed",
+        tasks=TEXT_TASKS,
+    )
+    attention_implementation: Literal["auto", "xla", "cudnn", "chunked", "splash"] = _field(
         "auto",
-        "(jaxdiff) Attention of the JAX models: xla, cudnn (fused, GPU) or chunked (memory-efficient: the "
-        "backward recomputes attention probabilities in query blocks instead of storing them); auto: chunked "
-        "on CPU (measured faster there), xla elsewhere.",
+        "(jaxdiff) Attention of the JAX models: xla, cudnn (fused, GPU; needs --mixed_precision fp16/bf16, layers "
+        "it cannot run use xla), chunked (memory-efficient: the backward recomputes attention probabilities in "
+        "query blocks instead of storing them) or splash (Pallas flash attention for the self-attention, TPU v4 "
+        "and later; xla on TPU v3); auto: splash on TPU v4+, xla on TPU v3, cudnn on GPU, chunked on CPU "
+        "(measured faster there).",
         group="Memory and speed",
         backends=("jax",),
     )
@@ -677,6 +688,11 @@ class TrainConfig(BaseModel):
             )
         if self.w_min > self.w_max:
             raise ValueError(f"w_min={self.w_min} must be <= w_max={self.w_max}")
+        if self.attention_implementation == "cudnn" and self.mixed_precision == "no":
+            raise ValueError(
+                "attention_implementation=cudnn needs --mixed_precision fp16 or bf16: cuDNN's fused attention takes "
+                "no float32 (use xla, or auto)"
+            )
         if self.validation_epochs is not None and self.validation_steps is not None:
             raise ValueError("give validation_epochs or validation_steps, not both")
         launch = {n: getattr(self, n) for n in ("coordinator_address", "num_processes", "process_id")}
@@ -765,6 +781,12 @@ def unsupported_fields(config: TrainConfig) -> list[str]:
             )
         elif config.task is not None and config.task not in meta["tasks"]:
             problems.append(f"--{name} does not apply to task {config.task} (only {', '.join(meta['tasks'])})")
+    if config.backend == "jax" and config.mixed_precision == "fp16":
+        problems.append(
+            "--mixed_precision=fp16 is not supported by the jax backend (it keeps no loss scale, and fp16 gradients "
+            "underflow); use --mixed_precision bf16: float32's range at half the bytes, native on TPUs and Ampere+ "
+            "GPUs (--vae_dtype fp16 still runs the frozen VAE in fp16)"
+        )
     if config.backend == "torch" and config.mesh not in (None, "data"):
         problems.append(
             f"--mesh={config.mesh!r}: the torch backend trains data-parallel only (one replica per GPU, accelerate); "

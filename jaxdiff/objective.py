@@ -106,6 +106,10 @@ class DenoisingRoles:
         return {**draws, **self.dropout_seeds(step, batch_size)}
 
 
+#: --vae_dtype -> the --mixed_precision value of that dtype.
+VAE_DTYPES = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
+
+
 class TextToImageRoles(DenoisingRoles):
     """Mixin: needs `config`, `unet`, one attribute per name of `text_encoder_names`, `vae`, `vae_folder`,
     `tokenizers` and a `_common(...)` call at init."""
@@ -132,6 +136,16 @@ class TextToImageRoles(DenoisingRoles):
             )
         self._set_timesteps(num_train_timesteps)
         self.latent_shape = (unet_in_channels, *(side // vae_factor for side in cfg.image_size))
+
+    @property
+    def vae_precision(self) -> str:
+        """The frozen VAE's precision, as a --mixed_precision value: --vae_dtype when given, else float32 for a VAE
+        whose config.json sets ``force_upcast`` (SDXL's: it overflows in half precision) and the compute dtype for
+        one without it (SD 1.5's: diffusers' scripts cast it to the weight dtype)."""
+        if self.config.vae_dtype is not None:
+            return VAE_DTYPES[self.config.vae_dtype]
+        vae_config = json.loads((Path(self.vae_folder) / "config.json").read_text())
+        return "no" if vae_config.get("force_upcast", False) else self.config.mixed_precision
 
     @property
     def _text_encoders(self) -> dict[str, Any]:

@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jaxdiff import adam8bit
+
 LR_SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 POLYNOMIAL_LR_END = 1e-7  # diffusers' get_polynomial_decay_schedule_with_warmup default
 
@@ -78,15 +80,17 @@ def make_optimizer(
     adam_weight_decay: float,
     adam_epsilon: float,
     max_grad_norm: float,
+    use_8bit: bool = False,
 ) -> optax.GradientTransformation:
-    """Global-norm gradient clipping (`max_grad_norm` 0 disables it), then AdamW, as diffusers' scripts do.
+    """Global-norm gradient clipping (`max_grad_norm` 0 disables it), then AdamW, as diffusers' scripts do;
+    `use_8bit` stores Adam's moments in 8 bits (`jaxdiff.adam8bit`, diffusers' `--use_8bit_adam`).
 
     Decay is decoupled and applies to every parameter. optax adds `wd * p` (p before the update) to the Adam
     direction and scales the sum by `-lr`, which is torch.optim.AdamW's `p *= 1 - lr * wd` followed by its Adam
     step. torch's `clip_grad_norm_` divides by `norm + 1e-6` where optax divides by `norm`; Adam's invariance to
     the gradient scale makes the difference vanish up to epsilon.
     """
-    adamw = optax.adamw(
+    adamw = (adam8bit.adamw8bit if use_8bit else optax.adamw)(
         learning_rate_schedule, b1=adam_beta1, b2=adam_beta2, eps=adam_epsilon, weight_decay=adam_weight_decay
     )
     if max_grad_norm > 0:

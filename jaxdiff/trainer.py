@@ -15,7 +15,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from jaxdiff import cpu_devices, optim, parallel, run
+from jaxdiff import adam8bit, cpu_devices, optim, parallel, run
 from jaxdiff.checkpoint import Checkpointer, resolve_resume
 from jaxdiff.config import TrainConfig
 from jaxdiff.data import make_train_iterator, specs_from_config
@@ -71,6 +71,7 @@ def make_optimizer(
         adam_weight_decay=config.adam_weight_decay,
         adam_epsilon=config.adam_epsilon,
         max_grad_norm=config.max_grad_norm,
+        use_8bit=config.use_8bit_adam,
     )
     return schedule, tx
 
@@ -90,14 +91,19 @@ def init_train_state(params: Any, tx: optax.GradientTransformation, *, seed: int
 
 def train_state_shardings(tx: optax.GradientTransformation, params: Any, mesh: Mesh, *, use_ema: bool) -> dict:
     """Shardings of the train state: parameters by their logical axes, optimizer moments and EMA like the
-    parameters they mirror, everything else replicated."""
+    parameters they mirror (8-bit Adam's absmax blocks by `adam8bit.state_sharding`), everything else replicated."""
     param_shardings = parallel.state_shardings(params, mesh)
     replicated = NamedSharding(mesh, PartitionSpec())
     abstract_opt = jax.eval_shape(tx.init, params)
     shardings = {
         "params": param_shardings,
         "opt_state": optax.tree_utils.tree_map_params(
-            tx, lambda _, sharding: sharding, abstract_opt, param_shardings, transform_non_params=lambda _: replicated
+            tx,
+            adam8bit.state_sharding,
+            abstract_opt,
+            params,
+            param_shardings,
+            transform_non_params=lambda _: replicated,
         ),
         "step": replicated,
         "rng": replicated,
@@ -183,9 +189,7 @@ class TrainProgram:
             out_shardings=(self.state_shardings, None),
             donate_argnums=(0,),
         )
-        self.sample_fn = jax.jit(
-            lambda params, frozen, ids, rng: task.sample(self.eval_models(params, frozen), ids, rng)
-        )
+        self.sample_fn = jax.jit(self._sample)
 
     def init_state(self, params: dict) -> dict:
         """The train state from the (sharded) pretrained parameters, whose buffers it takes over (donated)."""
@@ -223,6 +227,10 @@ class TrainProgram:
         for module in models.values():
             module.set_attributes(gradient_checkpointing=False, raise_if_not_found=False)
         return models
+
+    def _sample(self, params: dict, frozen: dict, ids: dict, rng: jax.Array) -> jax.Array:
+        with jax.sharding.use_abstract_mesh(self.mesh.abstract_mesh):  # as in the step: constraints, kernels
+            return self.task.sample(self.eval_models(params, frozen), ids, rng)
 
     def _train_step(self, state: dict, frozen: dict, batch: dict) -> tuple[dict, dict]:
         with jax.sharding.use_abstract_mesh(self.mesh.abstract_mesh):  # the models' activation constraints

@@ -134,6 +134,22 @@ def test_resolve_resume(tmp_path, mesh):
         resolve_resume(str(ckpt_dir), ckpt_dir)
 
 
+def test_a_checkpoint_of_another_train_state_is_one_message(tmp_path, mesh):
+    state = make_state(mesh, PartitionSpec())
+    with Checkpointer(tmp_path, save_interval_steps=1) as ckpt:
+        ckpt.save(1, state, DATA_STATE)
+        other_optimizer = dict(state, opt_state={"mu": state["opt_state"]["mu"], "nu": state["opt_state"]["mu"]})
+        other_shape = dict(state, params=dict(state["params"], w=jnp.zeros((4, 8))))
+        for other, detail in (
+            (other_optimizer, "opt_state/nu: in this run, not in the checkpoint"),
+            (other_shape, "params/w: saved (8, 8) float32, this run (4, 8) float32"),
+        ):
+            with pytest.raises(ConfigError) as err:
+                ckpt.restore(1, abstract(other, lambda x: NamedSharding(mesh, PartitionSpec())))
+            assert f"checkpoint {tmp_path / '1'} does not fit this run's train state" in str(err.value)
+            assert "--use_8bit_adam" in str(err.value) and detail in str(err.value), str(err.value)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "field"),
     [

@@ -73,6 +73,11 @@ def test_fields_are_refused_for_tasks_and_backends_that_ignore_them():
     # A preset's `mesh: fsdp` runs on GPUs with --mesh data: the torch backend's one mesh.
     data_parallel = validate({"task": "sdxl", "mesh": "data"}).model_copy(update={"backend": "torch"})
     assert unsupported_fields(data_parallel) == []
+    # fp16 compute: the torch backend scales the loss; the jax backend refuses it and names bf16.
+    (fp16,) = unsupported_fields(validate({"task": "sdxl", "mixed_precision": "fp16"}))
+    assert "--mixed_precision=fp16 is not supported by the jax backend" in fp16 and "--mixed_precision bf16" in fp16
+    torch_fp16 = validate({"task": "sdxl", "mixed_precision": "fp16"}).model_copy(update={"backend": "torch"})
+    assert unsupported_fields(torch_fp16) == []
     # The LCM scripts parse --center_crop and ignore it; we honour it, so it is accepted.
     assert unsupported_fields(validate({"task": "lcm", "center_crop": True})) == []
 

@@ -31,12 +31,21 @@ def test_tiny_step_compiles_for_a_v4_8(tiny_sd_path):
     pytest.importorskip("libtpu", reason='libtpu not installed (pip install -e ".[tpu]"): no TPU compiler')
     # v4-8: 4 megacore chips = 4 JAX devices, here as a 2x2 (data x fsdp) mesh; v5e-8 has 8 devices, so the same
     # mesh is refused for it, in its own row, without ending the run.
-    command = [sys.executable, str(SCRIPT), "--model", str(tiny_sd_path), "--topology", "v4-8,v5e-8", "--mesh", "2x2"]
+    # One row per optimizer, each with Pallas' splash attention.
+    command = [sys.executable, str(SCRIPT), "--model", str(tiny_sd_path), "--topology", "v4-8,v5e-8", "--mesh", "2x2",
+               "--attention_implementation", "splash", "--optimizer", "adamw,adam8bit"]  # fmt: skip
     done = subprocess.run([*command, "--json"], capture_output=True, text=True, env=os.environ, timeout=900)
     assert done.returncode == 1, done.stderr[-3000:]
-    v4, v5e = (json.loads(line) for line in done.stdout.splitlines())
+    v4, v4_8bit, *v5e = (json.loads(line) for line in done.stdout.splitlines())
 
-    assert v5e["topology"] == "v5e-8" and "needs 4 devices but 8 are available" in v5e["error"]
+    assert [row["topology"] for row in v5e] == ["v5e-8"] * 2
+    assert all("needs 4 devices but 8 are available" in row["error"] for row in v5e)
+    # The splash kernel is compiled into the step (Mosaic custom calls, not interpret mode).
+    assert (v4["attention"], v4["optimizer"], v4_8bit["optimizer"]) == ("splash", "adamw", "adam8bit")
+    assert v4["pallas_kernels"] > 0 and v4_8bit["pallas_kernels"] == v4["pallas_kernels"]
+    # 8-bit Adam: the two moments of the large tensors take 2 bytes per parameter instead of 8 (plus absmax).
+    assert v4_8bit["fits"] and v4_8bit["argument_bytes"] < v4["argument_bytes"]
+    assert v4_8bit["model_flops"] == v4["model_flops"]
 
     assert (v4["topology"], v4["device_kind"], v4["devices"], v4["mesh"]) == ("v4-8", "TPU v4", 4, "2x2")
     assert (v4["per_device_batch"], v4["global_batch"], v4["resolution"]) == (1, 4, 32)
@@ -156,6 +165,8 @@ def test_built_in_models_have_the_published_parameter_counts(tpu_compile, tmp_pa
         }
         assert found == counts, model
         assert (config.task, task.schedule.prediction_type, config.resolution) == settings[model]
+        # SD's published VAE configs have no force_upcast: the VAE runs in the bf16 compute dtype; SDXL's sets it.
+        assert task.vae_dtype == (jnp.float32 if model == "sdxl" else jnp.bfloat16), model
 
     # SDXL's batch: both tokenizers' ids (77 each) and the size conditioning; the VAE in float32 (force_upcast).
     batch = task.abstract_batch(2)
@@ -186,3 +197,7 @@ def test_bad_input_is_one_message(tpu_compile, capsys, monkeypatch):
         tpu_compile.main(["--model", "tiny", "--topology", "v5p-8"])
     assert exit_info.value.code == 2
     assert 'libtpu is not installed: pip install -e ".[tpu]"' in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        tpu_compile.main(["--model", "tiny", "--optimizer", "adamw,sgd"])
+    assert exit_info.value.code == 2
+    assert "--optimizer='adamw,sgd': allowed: adamw, adam8bit (comma-separated)" in capsys.readouterr().err

@@ -101,7 +101,7 @@ def test_end_to_end_export_loads_in_diffusers(tmp_path, tiny_sd_path, shapes_dat
     out = train(
         tmp_path, "run", tiny_sd_path, shapes_dataset,
         "--max_train_steps", "4", "--use_ema", "--snr_gamma", "5.0", "--gradient_accumulation_steps", "2",
-        "--checkpointing_steps", "2", "--checkpoints_total_limit", "1",
+        "--checkpointing_steps", "2", "--checkpoints_total_limit", "1", "--use_8bit_adam",
         "--validation_prompts", "a red circle", "--validation_steps", "2", "--num_validation_images", "2",
         "--validation_num_inference_steps", "2", "--random_flip", "--report_to", "tensorboard",
     )  # fmt: skip

@@ -6,6 +6,8 @@ never see a mesh. Variables are not sharded eagerly at creation, so models build
 """
 
 import contextlib
+import functools
+import logging
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Literal
 
@@ -13,12 +15,15 @@ import flax
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.experimental.pallas.ops.tpu import splash_attention as splash
 from jax.typing import DTypeLike
+
+log = logging.getLogger("jaxdiff")
 
 flax.config.update("flax_always_shard_variable", False)
 
-AttentionImpl = Literal["xla", "cudnn", "chunked"]
-ATTENTION_IMPLEMENTATIONS: tuple[str, ...] = ("xla", "cudnn", "chunked")
+AttentionImpl = Literal["xla", "cudnn", "chunked", "splash"]
+ATTENTION_IMPLEMENTATIONS: tuple[str, ...] = ("xla", "cudnn", "chunked", "splash")
 #: Queries per block of the "chunked" attention: its score blocks are (batch, heads, ATTENTION_CHUNK, kv_len).
 ATTENTION_CHUNK = 256
 
@@ -351,13 +356,81 @@ def embed(
     )
 
 
-def resolve_attention(implementation: str) -> AttentionImpl:
-    """The implementation ``--attention_implementation`` names; ``auto`` is ``chunked`` on CPU (XLA:CPU has no
-    fused kernel, and there chunked measured 1.8x faster forward+backward, `benchmarks/attention.py`) and ``xla``
-    on accelerators."""
+#: TPU generations without Mosaic, the compiler of Pallas kernels: splash attention runs as ``xla`` there.
+NO_MOSAIC_TPUS = ("TPU v2", "TPU v3")
+#: Splash attention's head dims are padded with zeros to a multiple of this (the TPU's 128 lanes); sequences too.
+SPLASH_LANES = 128
+
+
+def resolve_attention(
+    implementation: str, devices: Sequence[Any] | None = None, *, half_precision: bool = True
+) -> AttentionImpl:
+    """The implementation ``--attention_implementation`` names. ``auto`` (logged) follows ``devices`` (default: jax's):
+    ``splash`` on TPU v4 and later, ``xla`` on TPU v2/v3 (no Mosaic), ``cudnn`` on GPUs computing in
+    ``half_precision`` (layers it cannot run use ``xla``, `cudnn_unsupported`; ``xla`` in float32), ``chunked`` on
+    CPU (XLA:CPU has no fused kernel, and there chunked measured 1.8x faster forward+backward,
+    `benchmarks/attention.py`)."""
     if implementation != "auto":
         return implementation  # type: ignore[return-value]
-    return "chunked" if jax.default_backend() == "cpu" else "xla"
+    device = (devices or jax.devices())[0]
+    choice = {
+        "tpu": "xla" if device.device_kind in NO_MOSAIC_TPUS else "splash",
+        "gpu": "cudnn" if half_precision else "xla",
+    }
+    resolved = choice.get(device.platform, "chunked")
+    log.info("--attention_implementation auto: %s on %s", resolved, device.device_kind)
+    return resolved  # type: ignore[return-value]
+
+
+def cudnn_unsupported(head_dim: int, dtype: DTypeLike, compute_capability: str) -> str | None:
+    """Why jax's cuDNN fused attention cannot run an attention of ``head_dim`` with ``dtype`` inputs on a GPU of
+    ``compute_capability`` (e.g. "9.0"); None when it can. jax's checks (`check_layout`, `check_is_flash_attention`
+    in ``jax/_src/cudnn/fused_attention_stablehlo.py``, forward and backward alike): float16/bfloat16 inputs, and a
+    head dim that is a multiple of 8, at most 128 before Hopper (9.0) and 256 from it. SD's 40, 64 and 80 run on
+    every GPU, 160 (SDXL's refiner, SD 2.x at 64 heads) only from Hopper."""
+    if jnp.dtype(dtype) not in (jnp.float16, jnp.bfloat16):
+        return (
+            f"{jnp.dtype(dtype).name} inputs: cuDNN takes float16/bfloat16 (--mixed_precision fp16 or bf16; an "
+            "upcast_attention model computes its attention in float32)"
+        )
+    limit = 256 if tuple(int(x) for x in compute_capability.split(".")) >= (9, 0) else 128
+    if head_dim % 8 or head_dim > limit:
+        return (
+            f"head dim {head_dim}: cuDNN takes multiples of 8 up to {limit} on compute capability {compute_capability}"
+        )
+    return None
+
+
+@functools.cache
+def _log_once(message: str) -> None:
+    log.warning(message)
+
+
+def _target_device() -> Any:
+    """The device the traced program is compiled for: the mesh in context's (``benchmarks/tpu_compile.py`` traces for
+    TPU devices on a CPU host), else jax's default device. Has ``platform`` and ``device_kind``."""
+    device = jax.sharding.get_abstract_mesh().abstract_device
+    return device if device is not None else jax.devices()[0]
+
+
+def _gpu_compute_capability() -> str:
+    return jax.devices("gpu")[0].compute_capability
+
+
+def _kernel_implementation(implementation: AttentionImpl, query: jax.Array, key: jax.Array) -> AttentionImpl:
+    """``implementation``, or ``xla`` where it cannot run this attention (the reason logged once)."""
+    device = _target_device()
+    if implementation == "splash" and device.device_kind in NO_MOSAIC_TPUS:
+        _log_once(f"splash attention needs Mosaic (TPU v4 or later); {device.device_kind} runs attention with xla")
+        return "xla"
+    if implementation == "splash" and key.shape[1] != query.shape[1]:
+        return "xla"  # cross-attention: see `attention`
+    if implementation == "cudnn" and device.platform == "gpu":
+        reason = cudnn_unsupported(query.shape[-1], query.dtype, _gpu_compute_capability())
+        if reason:
+            _log_once(f"cudnn attention cannot run a layer with {reason}; such layers use xla")
+            return "xla"
+    return implementation
 
 
 def attention(
@@ -375,8 +448,12 @@ def attention(
     The single place where attention is computed, so fused kernels plug in here. ``upcast`` computes
     scores and softmax in float32 (diffusers' ``upcast_attention``). ``mask`` is boolean, True = attend,
     broadcastable to (batch, heads, q_len, kv_len). ``implementation``: ``xla`` (jax.nn.dot_product_attention),
-    ``cudnn`` (its fused GPU kernel) or ``chunked`` (`chunked_attention`, memory-efficient on any backend; an
-    attention with a mask or a causal one falls back to ``xla``).
+    ``cudnn`` (its fused GPU kernel; layers it cannot run, `cudnn_unsupported`, use ``xla``), ``chunked``
+    (`chunked_attention`, memory-efficient on any backend) or ``splash`` (`splash_attention`, TPU v4+; ``xla`` on
+    TPU v2/v3). Chunked and splash take self-attention without mask; splash leaves cross-attention to ``xla``:
+    over 77 text tokens the scores are small, and the kernel would pad the keys to 128 and SD's head dims to 128
+    (SD 1.5's first level, 4 x 4096 queries per v5e device: XLA's forward+backward compiled with no temporaries,
+    the kernel's with 66 MiB). A masked or causal attention uses ``xla``.
     """
     if implementation not in ATTENTION_IMPLEMENTATIONS:
         raise ValueError(f"attention implementation {implementation!r} is not one of {ATTENTION_IMPLEMENTATIONS}")
@@ -384,14 +461,82 @@ def attention(
     query, key, value = (shard_batch(x) for x in (query, key, value))
     if upcast:
         query, key, value = (x.astype(jnp.float32) for x in (query, key, value))
-    if implementation == "chunked" and mask is None and not is_causal:
-        out = chunked_attention(query, key, value)
+    implementation = _kernel_implementation(implementation, query, key)
+    if implementation in ("chunked", "splash") and mask is None and not is_causal:
+        out = (chunked_attention if implementation == "chunked" else splash_attention)(query, key, value)
     else:
-        implementation = "xla" if implementation == "chunked" else implementation
+        implementation = "xla" if implementation in ("chunked", "splash") else implementation
         out = jax.nn.dot_product_attention(
             query, key, value, mask=mask, is_causal=is_causal, implementation=implementation
         )
     return out.astype(out_dtype)
+
+
+def splash_attention(query: jax.Array, key: jax.Array, value: jax.Array) -> jax.Array:
+    """Softmax attention on (batch, seq, heads, head_dim) by Pallas' TPU splash (flash) attention kernel.
+
+    Inside a mesh (the trainer's abstract one included) a ``jax.shard_map`` over the batch split on every mesh axis,
+    as the trainer splits batches (replicated when the batch does not divide); the kernel sees whole sequences and
+    heads. Pallas runs in interpret mode unless the program is compiled for TPU (`_target_device`), so the same code
+    runs in CPU tests.
+    """
+    device = _target_device()
+    interpret = device.platform != "tpu"
+    if interpret:
+        _log_once(f"splash attention on {device.platform}: Pallas interpret mode (slow; meant for tests)")
+    run = functools.partial(_splash_local, interpret=interpret)
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return run(query, key, value)
+    spec = jax.sharding.PartitionSpec(mesh.axis_names if query.shape[0] % mesh.size == 0 else None)
+    return jax.shard_map(run, mesh=mesh, in_specs=(spec,) * 3, out_specs=spec, check_vma=False)(query, key, value)
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def _splash_block(length: int) -> int:
+    """The kernel's block along a (padded) sequence: the largest of 512, 256, 128 that divides it."""
+    return next(block for block in (512, 256, SPLASH_LANES) if length % block == 0)
+
+
+def _splash_local(query: jax.Array, key: jax.Array, value: jax.Array, *, interpret: bool) -> jax.Array:
+    """`splash_attention` on one device's arrays.
+
+    Head dims are zero-padded to a multiple of 128 (zeros add nothing to q.k and give zero output columns, sliced
+    off), queries scaled by the true 1/sqrt(head_dim). Sequences are padded to a multiple of 128; padded keys get
+    segment id 1 and every query 0, so no query attends them, and padded queries (their rows dropped) attend the
+    real keys, so no row is empty (no NaN).
+    """
+    _, q_len, heads, head_dim = query.shape
+    kv_len = key.shape[1]
+    dim = _round_up(head_dim, SPLASH_LANES)
+    q_pad, kv_pad = _round_up(q_len, SPLASH_LANES), _round_up(kv_len, SPLASH_LANES)
+
+    def to_kernel(x: jax.Array, length: int) -> jax.Array:  # (batch, heads, length, dim)
+        x = jnp.swapaxes(x, 1, 2)
+        return jnp.pad(x, ((0, 0), (0, 0), (0, length - x.shape[2]), (0, dim - head_dim)))
+
+    q = to_kernel(query * jnp.asarray(head_dim**-0.5, query.dtype), q_pad)
+    k, v = to_kernel(key, kv_pad), to_kernel(value, kv_pad)
+    block_q, block_kv = _splash_block(q_pad), _splash_block(kv_pad)
+    blocks = splash.BlockSizes(
+        block_q=block_q,
+        block_kv=block_kv,
+        block_q_dkv=block_q,
+        block_kv_dkv=block_kv,
+        block_q_dq=block_q,
+        block_kv_dq=block_kv,
+    )
+    mask = splash.MultiHeadMask([splash.FullMask((q_pad, kv_pad))] * heads)
+    kernel = splash.make_splash_mha(mask, block_sizes=blocks, head_shards=1, q_seq_shards=1, interpret=interpret)
+    segments = None
+    if kv_pad != kv_len:
+        kv_ids = (jnp.arange(kv_pad) >= kv_len).astype(jnp.int32)
+        segments = splash.SegmentIds(q=jnp.zeros(q_pad, jnp.int32), kv=kv_ids)
+    out = jax.vmap(kernel, in_axes=(0, 0, 0, None))(q, k, v, segments)
+    return jnp.swapaxes(out[:, :, :q_len, :head_dim], 1, 2)
 
 
 @jax.custom_vjp

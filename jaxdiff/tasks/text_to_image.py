@@ -30,7 +30,6 @@ from jaxdiff.models.lora import add_lora
 from jaxdiff.models.modeling import PretrainedWeights
 from jaxdiff.models.unet_2d_condition import UNet2DConditionModel
 from jaxdiff.objective import TextToImageRoles
-from jaxdiff.weights import read_config
 
 log = logging.getLogger("jaxdiff")
 
@@ -64,7 +63,11 @@ class TextToImage(TextToImageRoles):
         self.model_path = config.pretrained_model_name_or_path  # what the export copies from (id or folder)
         compute = COMPUTE_DTYPES[config.mixed_precision]
         load = {"variant": options.variant, "allow_pickle": options.allow_pickle}
-        runtime = {"attention_impl": nn.resolve_attention(config.attention_implementation)}
+        runtime = {
+            "attention_impl": nn.resolve_attention(
+                config.attention_implementation, half_precision=config.mixed_precision != "no"
+            )
+        }
         log.info("attention implementation: %s", runtime["attention_impl"])
         self.pretrained: dict[str, PretrainedWeights] = {}
         # Trained weights are float32 (trained text encoders remat with the UNet); frozen ones, LoRA's base weights
@@ -100,8 +103,7 @@ class TextToImage(TextToImageRoles):
         vae_folder = resolve_model(vae_id, None, AutoencoderKL.weights_name, vae_options) if vae_id else root / "vae"
         self.vae_folder = vae_folder
         self.frozen_folders = [vae_folder] + ([] if train_text else [root / n for n in self.text_encoder_names])
-        # diffusers keeps a VAE marked force_upcast (SDXL's) in float32 whatever the training precision.
-        self.vae_dtype = jnp.float32 if read_config(vae_folder).get("force_upcast", True) else compute
+        self.vae_dtype = COMPUTE_DTYPES[self.vae_precision]
         self.vae, self.pretrained["vae"] = AutoencoderKL.abstract_from_pretrained(
             vae_folder,
             dtype=self.vae_dtype,

@@ -40,7 +40,9 @@ class Unconditional(UnconditionalRoles):
             "dtype": COMPUTE_DTYPES[config.mixed_precision],
             "param_dtype": jnp.float32,
             "gradient_checkpointing": config.gradient_checkpointing,
-            "attention_impl": nn.resolve_attention(config.attention_implementation),
+            "attention_impl": nn.resolve_attention(
+                config.attention_implementation, half_precision=config.mixed_precision != "no"
+            ),
         }
         log.info("attention implementation: %s", kwargs["attention_impl"])
         weights: PretrainedWeights | RandomInit

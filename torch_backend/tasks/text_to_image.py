@@ -92,9 +92,8 @@ class TextToImage(TextToImageRoles):
         self.vae = load_pretrained(AutoencoderKL, self.vae_folder, **weight_kwargs(vae_options))
 
         # Trained weights in float32; frozen ones (with LoRA the adapted modules' base weights too) in the compute
-        # dtype, except a VAE marked force_upcast (as in the JAX task, which keeps such a VAE, e.g. SDXL's, in
-        # float32 whatever the training precision); LoRA adapters in float32.
-        self.vae_dtype = torch.float32 if getattr(self.vae.config, "force_upcast", True) else weight_dtype
+        # dtype, the VAE in `vae_precision`'s (as in the JAX task); LoRA adapters in float32.
+        self.vae_dtype = WEIGHT_DTYPES[self.vae_precision]
         self.vae.requires_grad_(False).to(device)
         if self.vae_dtype != torch.float32:
             self.vae.to(dtype=self.vae_dtype)
