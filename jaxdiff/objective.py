@@ -144,7 +144,10 @@ class TextToImageRoles(DenoisingRoles):
         one without it (SD 1.5's: diffusers' scripts cast it to the weight dtype)."""
         if self.config.vae_dtype is not None:
             return VAE_DTYPES[self.config.vae_dtype]
-        vae_config = json.loads((Path(self.vae_folder) / "config.json").read_text())
+        file = Path(self.vae_folder) / "config.json"
+        if not file.is_file():  # as `jaxdiff.weights.read_config` says it (that module needs jax)
+            raise ModelFilesNotFoundError(f"no config.json in {self.vae_folder}")
+        vae_config = json.loads(file.read_text())
         return "no" if vae_config.get("force_upcast", False) else self.config.mixed_precision
 
     @property

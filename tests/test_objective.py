@@ -5,6 +5,7 @@ import json
 import pytest
 
 from jaxdiff.config import TrainConfig
+from jaxdiff.hub import ModelFilesNotFoundError
 from jaxdiff.objective import TextToImageRoles
 
 
@@ -25,3 +26,10 @@ def test_vae_precision(tmp_path, vae_config, flags, expected):
     roles = TextToImageRoles()
     roles.config, roles.vae_folder = TrainConfig(**flags), tmp_path
     assert roles.vae_precision == expected
+
+
+def test_vae_precision_of_a_folder_without_config_is_one_message(tmp_path):
+    roles = TextToImageRoles()
+    roles.config, roles.vae_folder = TrainConfig(mixed_precision="bf16"), tmp_path
+    with pytest.raises(ModelFilesNotFoundError, match=f"no config.json in {tmp_path}"):
+        _ = roles.vae_precision
