@@ -20,12 +20,19 @@ rounded to 0 under a first moment that is not makes the step m / eps. On a quadr
 decades (`tests/test_adam8bit.py`), plain nearest rounding ends 587 away from float32 AdamW's weights, this rule
 0.47 away (bitsandbytes 0.50's CPU kernel: 0.71).
 
-Versus bitsandbytes 0.50: the same maps, block size, absmax, quantization (the nearest map value, a tie to the lower
-one, as its reference torch quantizer; its CPU kernel picks a neighbouring code for a few values and maps
+Memory: quantizing and dequantizing are float32 arithmetic on each element, with no table lookup (gather) or search
+(a loop), neither of which XLA fuses; and the update reads each parameter's codes and gradient twice, computing the
+new moments each time: once to reduce them to their blocks' absmax, once to re-quantize them and take the Adam
+direction. So the float32 moments never exist for the whole model at once (benchmarks/optimizer_memory.py compiles
+the update for TPU against AdamW's). A third pass for the direction measured worse (SD 1.5's update on a v5p-8).
+
+Versus bitsandbytes 0.50: the same maps (equal to 2e-7 relative: ours are float32 arithmetic, its are float32
+`linspace`), block size, absmax, quantization (the nearest map value, a tie to the lower one, as its reference torch
+quantizer; its CPU kernel picks a neighbouring code for a few values and maps
 values near 0 to a small non-zero code), update order (the step uses the float32 moments, then re-quantized) and
 decoupled decay. It blocks the flattened tensor where we block one axis (the same blocks for 1-D tensors), and
 orders the Adam arithmetic as torch's AdamW where we follow `optax.scale_by_adam` (equal up to rounding; float32
-leaves equal optax exactly).
+leaves do optax's arithmetic).
 """
 
 from typing import Any, NamedTuple
@@ -41,25 +48,76 @@ MIN_8BIT_SIZE = 4096  # bitsandbytes' min_8bit_size
 SIGNED_OFFSET = 128  # int8 code c stands for signed map entry c + 128
 
 
+def _map_value(p: jax.Array, signed: bool) -> jax.Array:
+    """Value of the map entry of magnitude rank ``p`` (int32; 0 is the value 0, `_top(signed)` the value 1).
+
+    Between them, rank p + shift (shift 0 signed, 1 unsigned) = 2**e + j with 0 <= j < 2**e is the j-th of the
+    2**e midpoints of equal steps of [0.1, 1] times 10**(e - shift - 6). Plain float32 arithmetic, so it fuses
+    into the update on any device: no table lookup (gather).
+    """
+    t = p + (0 if signed else 1)
+    e = (jax.lax.bitcast_convert_type(t.astype(jnp.float32), jnp.int32) >> 23) - 127  # floor(log2 t), exact
+    scale = _decade(e - (0 if signed else 1))
+    step = jax.lax.bitcast_convert_type((127 - e) << 23, jnp.float32) * np.float32(0.9)  # 0.9 / 2**e, exact
+    value = scale * (np.float32(0.1) + ((t - (1 << e)).astype(jnp.float32) + np.float32(0.5)) * step)
+    return jnp.where(p == 0, np.float32(0), jnp.where(p == _top(signed), np.float32(1), value))
+
+
+def _top(signed: bool) -> int:
+    """Magnitude rank of the map's 1.0: 127 values below it on the positive side (signed), 254 (unsigned)."""
+    return 128 if signed else 255
+
+
+def _decade(i: jax.Array) -> jax.Array:
+    """10**(i - 6) in float32 for integer arrays ``i`` in [0, 6] (clamped), by selects: exact, and fusible."""
+    value = jnp.full(i.shape, np.float32(1e-6))
+    for k in range(1, 7):
+        value = jnp.where(i >= k, np.float32(10.0 ** (k - 6)), value)
+    return value
+
+
+def _encode(normed: jax.Array, signed: bool) -> jax.Array:
+    """Codes of the map values nearest to ``normed`` (in [-1, 1]; a tie goes to the lower value), elementwise.
+
+    The decade and the equal step within it give a rank at most one off the nearest; comparing with the midpoints
+    to the neighbouring ranks settles it.
+    """
+    a = jnp.abs(normed)
+    shift = 0 if signed else 1
+    i = jnp.clip(jnp.floor(jnp.log10(a)) + 7, 0, 6).astype(jnp.int32)
+    e = i + shift
+    steps = (1 << e).astype(jnp.float32)
+    within = jnp.floor((a * (1 / _decade(i)) - np.float32(0.1)) * steps * np.float32(1 / 0.9))
+    p = (1 << e) - shift + jnp.clip(within, 0, steps - 1).astype(jnp.int32)
+    value = _map_value(p, signed)
+    lower = (_map_value(p - 1, signed) + value) / 2
+    upper = (value + _map_value(jnp.minimum(p + 1, _top(signed)), signed)) / 2
+    negative = normed < 0  # ties go to the lower value: the larger magnitude when negative
+    p = p - jnp.where(negative, a < lower, a <= lower) + jnp.where(negative, a >= upper, a > upper)
+    if not signed:  # a positive second moment never becomes 0 (see the module docstring)
+        return jnp.maximum(p, (a > 0).astype(p.dtype)).astype(jnp.uint8)
+    p = jnp.minimum(p, jnp.where(negative, _top(signed) - 1, _top(signed)))  # the map has 1 but not -1
+    return jnp.where(negative, -p - 1, p - 1).astype(jnp.int8)
+
+
+def _decode(codes: jax.Array) -> jax.Array:
+    """The map values (float32) that ``codes`` stand for: int8 codes of the signed map, uint8 of the unsigned."""
+    if codes.dtype == jnp.uint8:
+        return _map_value(codes.astype(jnp.int32), signed=False)
+    rank = codes.astype(jnp.int32) + 1
+    value = _map_value(jnp.abs(rank), signed=True)
+    return jnp.where(rank < 0, -value, value)
+
+
 def dynamic_map(signed: bool) -> np.ndarray:
     """bitsandbytes' dynamic ("dynamic tree") map: 256 sorted float32 values, log-spaced over seven decades.
 
-    Exponent i (0..6) contributes the midpoints of 2**i (signed, both signs) or 2**(i + 1) (unsigned) equal steps
+    Decade i (0..6) contributes the midpoints of 2**i (signed, both signs) or 2**(i + 1) (unsigned) equal steps
     of [0.1, 1] times 10**(i - 6); 0 and 1 complete the 256 values. The signed map holds 1 but not -1 (its most
-    negative value is about -0.993).
+    negative value is about -0.993). Entry c + `SIGNED_OFFSET` (signed) or c (unsigned) is what code c stands for.
     """
-    values = [0.0, 1.0]
-    for i in range(7):
-        steps = 2 ** (i + (0 if signed else 1))
-        bounds = np.linspace(0.1, 1.0, steps + 1, dtype=np.float32)
-        means = (bounds[:-1] + bounds[1:]) / 2.0
-        scaled = (10.0 ** (i - 6) * means).astype(np.float32)
-        values += scaled.tolist() + ((-scaled).tolist() if signed else [])
-    return np.sort(np.asarray(values, np.float32))
-
-
-_SIGNED_MAP = dynamic_map(signed=True)
-_UNSIGNED_MAP = dynamic_map(signed=False)
+    codes = np.arange(-128, 128, dtype=np.int8) if signed else np.arange(256, dtype=np.uint8)
+    return np.asarray(jax.jit(_decode)(jnp.asarray(codes)))
 
 
 def block_axis(shape: tuple[int, ...]) -> int:
@@ -79,36 +137,37 @@ def _absmax_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
 
 
 def _expand(absmax: jax.Array, shape: tuple[int, ...]) -> jax.Array:
-    """Each block's absmax at every entry of the block: an array of ``shape``."""
+    """Each block's absmax at every entry of the block: an array of ``shape`` (XLA fuses it into its consumer)."""
     axis = block_axis(shape)
     return jax.lax.slice_in_dim(jnp.repeat(absmax, BLOCK_SIZE, axis=axis), 0, shape[axis], axis=axis)
 
 
-def quantize_blockwise(x: jax.Array, signed: bool) -> tuple[jax.Array, jax.Array]:
-    """Codes (int8 if ``signed`` else uint8, ``x``'s shape) and float32 absmax per block of ``x``: the nearest map
-    value, except that a positive unsigned value (Adam's second moment) keeps at least the smallest positive one."""
-    qmap = _SIGNED_MAP if signed else _UNSIGNED_MAP
+def _block_absmax(x: jax.Array) -> jax.Array:
+    """The largest magnitude in each block of ``x`` (float32, `_absmax_shape`); a short last block is zero-padded."""
     x = x.astype(jnp.float32)
     axis = block_axis(x.shape)
     blocks = -(-x.shape[axis] // BLOCK_SIZE)
     padded = jnp.pad(x, [(0, blocks * BLOCK_SIZE - x.shape[axis]) if a == axis else (0, 0) for a in range(x.ndim)])
     split = padded.reshape(*x.shape[:axis], blocks, BLOCK_SIZE, *x.shape[axis + 1 :])
-    absmax = jnp.max(jnp.abs(split), axis=axis + 1)
+    return jnp.max(jnp.abs(split), axis=axis + 1)
+
+
+def _codes(x: jax.Array, absmax: jax.Array, signed: bool) -> jax.Array:
+    """The codes of ``x`` scaled by its blocks' ``absmax``."""
     scale = _expand(absmax, x.shape)
-    normed = jnp.clip(x * (1.0 / jnp.where(scale > 0, scale, 1.0)), -1.0, 1.0)
-    index = jnp.searchsorted(jnp.asarray((qmap[:-1] + qmap[1:]) / 2), normed, side="left")  # nearest, ties down
-    if not signed:  # a positive second moment never becomes 0 (see the module docstring)
-        index = jnp.maximum(index, (normed > 0).astype(index.dtype))
-    codes = (index - SIGNED_OFFSET).astype(jnp.int8) if signed else index.astype(jnp.uint8)
-    return codes, absmax
+    return _encode(jnp.clip(x * (1.0 / jnp.where(scale > 0, scale, 1.0)), -1.0, 1.0), signed)
+
+
+def quantize_blockwise(x: jax.Array, signed: bool) -> tuple[jax.Array, jax.Array]:
+    """Codes (int8 if ``signed`` else uint8, ``x``'s shape) and float32 absmax per block of ``x``: the nearest map
+    value, except that a positive unsigned value (Adam's second moment) keeps at least the smallest positive one."""
+    absmax = _block_absmax(x)
+    return _codes(x.astype(jnp.float32), absmax, signed), absmax
 
 
 def dequantize_blockwise(codes: jax.Array, absmax: jax.Array) -> jax.Array:
     """The float32 values that ``codes`` (int8: signed map, uint8: unsigned map) and their ``absmax`` stand for."""
-    signed = codes.dtype == jnp.int8
-    qmap = jnp.asarray(_SIGNED_MAP if signed else _UNSIGNED_MAP)
-    index = codes.astype(jnp.int32) + (SIGNED_OFFSET if signed else 0)
-    return qmap[index] * _expand(absmax, codes.shape)
+    return _decode(codes) * _expand(absmax, codes.shape)
 
 
 class ScaleByAdam8bitState(NamedTuple):
@@ -123,8 +182,8 @@ class ScaleByAdam8bitState(NamedTuple):
 
 
 def scale_by_adam8bit(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> optax.GradientTransformation:
-    """`optax.scale_by_adam` with 8-bit blockwise-quantized moments; float32 moments for small parameters give
-    exactly optax's results."""
+    """`optax.scale_by_adam` with 8-bit blockwise-quantized moments; small parameters keep float32 moments and
+    optax's arithmetic."""
 
     def init_fn(params: optax.Params) -> ScaleByAdam8bitState:
         def moment(p: jax.Array, signed: bool) -> jax.Array:
@@ -147,29 +206,35 @@ def scale_by_adam8bit(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> 
         updates: optax.Updates, state: ScaleByAdam8bitState, params: optax.Params | None = None
     ) -> tuple[optax.Updates, ScaleByAdam8bitState]:
         del params
-
-        def load(stored: jax.Array, absmax: jax.Array) -> jax.Array:
-            return stored if stored.dtype == jnp.float32 else dequantize_blockwise(stored, absmax)
-
-        mu = optax.tree.update_moment(updates, jax.tree.map(load, state.mu, state.mu_absmax), b1, 1)
-        nu = optax.tree.update_moment_per_elem_norm(updates, jax.tree.map(load, state.nu, state.nu_absmax), b2, 2)
         count_inc = optax.safe_increment(state.count)
-        mu_hat = optax.tree.bias_correction(mu, b1, count_inc)
-        nu_hat = optax.tree.bias_correction(nu, b2, count_inc)
-        updates = jax.tree.map(lambda m, v: m / (jnp.sqrt(v) + eps), mu_hat, nu_hat)
 
-        def store(value: jax.Array, stored: jax.Array, absmax: jax.Array) -> tuple[jax.Array, jax.Array]:
-            if stored.dtype == jnp.float32:
-                return value, absmax
-            return quantize_blockwise(value, signed=stored.dtype == jnp.int8)
+        def moments(g: jax.Array, mu: jax.Array, nu: jax.Array, mu_absmax: jax.Array, nu_absmax: jax.Array):
+            def load(stored: jax.Array, absmax: jax.Array) -> jax.Array:
+                return stored if stored.dtype == jnp.float32 else dequantize_blockwise(stored, absmax)
 
-        def store_tree(values: Any, stored: Any, absmax: Any) -> tuple[Any, Any]:
-            pairs = jax.tree.map(store, values, stored, absmax)
-            outer = jax.tree.structure(stored)
-            return jax.tree.transpose(outer, jax.tree.structure((0, 0)), pairs)
+            m = optax.tree.update_moment(g, load(mu, mu_absmax), b1, 1)
+            return m, optax.tree.update_moment_per_elem_norm(g, load(nu, nu_absmax), b2, 2)
 
-        mu, mu_absmax = store_tree(mu, state.mu, state.mu_absmax)
-        nu, nu_absmax = store_tree(nu, state.nu, state.nu_absmax)
+        def leaf(g: jax.Array, *stored: jax.Array) -> tuple[jax.Array, tuple[jax.Array, ...]]:
+            m, v = moments(g, *stored)
+            if stored[0].dtype == jnp.float32:
+                new = (m, v, *stored[2:])
+            else:
+                # Two passes over the 8-bit moments and the gradient, each computing the new float32 moments: the
+                # first reduces them to their blocks' absmax, the second (behind a barrier, so that XLA cannot keep
+                # the first pass's) re-quantizes them and takes the Adam direction. No parameter's float32 moments
+                # outlive its update, whatever order XLA runs the parameters in.
+                absmax = (_block_absmax(m), _block_absmax(v))
+                m, v = moments(*jax.lax.optimization_barrier((g, *stored)))
+                new = (_codes(m, absmax[0], signed=True), _codes(v, absmax[1], signed=False), *absmax)
+            m_hat = optax.tree.bias_correction(m, b1, count_inc)
+            v_hat = optax.tree.bias_correction(v, b2, count_inc)
+            return m_hat / (jnp.sqrt(v_hat) + eps), new
+
+        stored = (state.mu, state.nu, state.mu_absmax, state.nu_absmax)
+        pairs = jax.tree.map(leaf, updates, *stored)
+        inner = jax.tree.structure((0, (0,) * 4))
+        updates, (mu, nu, mu_absmax, nu_absmax) = jax.tree.transpose(jax.tree.structure(updates), inner, pairs)
         return updates, ScaleByAdam8bitState(count_inc, mu, nu, mu_absmax, nu_absmax)
 
     return optax.GradientTransformation(init_fn, update_fn)

@@ -292,15 +292,19 @@ def test_composition_equals_adamw():
     ours, theirs = (optax.GradientTransformation(tx.init, jax.jit(tx.update)) for tx in (ours, theirs))
     grads = jax.tree.map(lambda p: jax.random.normal(jax.random.key(p.size), p.shape), params)
     s_ours, s_theirs = ours.init(params), theirs.init(params)
+    # Equal to float32 rounding, not bit for bit: XLA:CPU rounds a leaf's elementwise Adam arithmetic differently
+    # depending on the other leaves in the program (optax.scale_by_adam's own update of a (16, 8) leaf changes in
+    # 63 of 128 entries, by an ulp or two, when a (512, 64) leaf joins the tree).
+    rounding = dict(rtol=1e-6, atol=0)
     for k in range(3):
         u_ours, s_ours = ours.update(grads, s_ours, params)
         u_theirs, s_theirs = theirs.update(grads, s_theirs, params)
-        # float32 moments: exactly adamw at every step; 8-bit: the first step, whose moments start at exactly 0.
-        np.testing.assert_array_equal(u_ours["small"]["kernel"][...], u_theirs["small"]["kernel"][...])
+        # float32 moments: adamw at every step; 8-bit: the first step, whose moments start at exactly 0.
+        np.testing.assert_allclose(u_ours["small"]["kernel"][...], u_theirs["small"]["kernel"][...], **rounding)
         if k == 0:
             assert float(jnp.abs(u_ours["linear"]["kernel"][...]).max()) > 0
             for a, b in zip(jax.tree.leaves(u_ours), jax.tree.leaves(u_theirs), strict=True):
-                np.testing.assert_array_equal(a, b)
+                np.testing.assert_allclose(a, b, **rounding)
     assert not np.array_equal(u_ours["linear"]["kernel"][...], u_theirs["linear"]["kernel"][...])  # 8-bit moments
     # Zero gradients leave zero moments: the update is the decoupled decay alone, as adamw's.
     zeros = jax.tree.map(jnp.zeros_like, params)
