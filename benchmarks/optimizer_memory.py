@@ -38,15 +38,14 @@ def shard_bytes(tree: Any, shardings: Any) -> int:
     return sum(jax.tree.leaves(sizes))
 
 
-def compile_update(args: argparse.Namespace, pipeline: Path, optimizer: str) -> dict[str, Any]:
-    """One row: the update of ``optimizer`` compiled for ``args.topology``, bytes per device."""
+def compile_update(args: argparse.Namespace, pipeline: Path, devices: Sequence[Any], optimizer: str) -> dict[str, Any]:
+    """One row: the update of ``optimizer`` compiled for ``devices`` (``args.topology``'s), bytes per device."""
     variant = tc.parse_args(
         ["--model", args.model, "--topology", args.topology, "--no-use_ema", "--optimizer", optimizer]
         + (["--mesh", args.mesh] if args.mesh else [])
     )
-    topology = tc.make_topology(args.topology)
     config = tc.train_config(variant, pipeline, 1, False)
-    program, _ = tc.build_program(config, topology.devices)
+    program, _ = tc.build_program(config, devices)
     state, shardings = program.abstract_state, program.state_shardings
 
     def update(params: Any, opt_state: Any, grads: Any) -> tuple[Any, Any]:
@@ -93,7 +92,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         tc.prepare_libtpu()
         with tempfile.TemporaryDirectory() as scratch:
             pipeline = tc.write_pipeline(args.model, Path(scratch)) if args.model in tc.MODELS else Path(args.model)
-            rows = [compile_update(args, pipeline, optimizer) for optimizer in ("adamw", "adam8bit")]
+            devices = tc.make_topology(args.topology).devices
+            rows = [compile_update(args, pipeline, devices, optimizer) for optimizer in ("adamw", "adam8bit")]
     except ConfigError as err:
         cli.exit_with(err)
     if args.json:
