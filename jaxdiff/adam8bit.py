@@ -91,7 +91,7 @@ def _encode(normed: jax.Array, signed: bool) -> jax.Array:
     p = (1 << e) - shift + jnp.clip(within, 0, steps - 1).astype(jnp.int32)
     value = _map_value(p, signed)
     lower = (_map_value(p - 1, signed) + value) / 2
-    upper = (value + _map_value(jnp.minimum(p + 1, _top(signed)), signed)) / 2
+    upper = (value + _map_value(p + 1, signed)) / 2  # p < _top: the decade's steps end one below it
     negative = normed < 0  # ties go to the lower value: the larger magnitude when negative
     p = p - jnp.where(negative, a < lower, a <= lower) + jnp.where(negative, a >= upper, a > upper)
     if not signed:  # a positive second moment never becomes 0 (see the module docstring)
@@ -143,8 +143,7 @@ def _expand(absmax: jax.Array, shape: tuple[int, ...]) -> jax.Array:
 
 
 def _block_absmax(x: jax.Array) -> jax.Array:
-    """The largest magnitude in each block of ``x`` (float32, `_absmax_shape`); a short last block is zero-padded."""
-    x = x.astype(jnp.float32)
+    """The largest magnitude in each block of float32 ``x`` (`_absmax_shape`); a short last block is zero-padded."""
     axis = block_axis(x.shape)
     blocks = -(-x.shape[axis] // BLOCK_SIZE)
     padded = jnp.pad(x, [(0, blocks * BLOCK_SIZE - x.shape[axis]) if a == axis else (0, 0) for a in range(x.ndim)])
@@ -161,8 +160,9 @@ def _codes(x: jax.Array, absmax: jax.Array, signed: bool) -> jax.Array:
 def quantize_blockwise(x: jax.Array, signed: bool) -> tuple[jax.Array, jax.Array]:
     """Codes (int8 if ``signed`` else uint8, ``x``'s shape) and float32 absmax per block of ``x``: the nearest map
     value, except that a positive unsigned value (Adam's second moment) keeps at least the smallest positive one."""
+    x = x.astype(jnp.float32)
     absmax = _block_absmax(x)
-    return _codes(x.astype(jnp.float32), absmax, signed), absmax
+    return _codes(x, absmax, signed), absmax
 
 
 def dequantize_blockwise(codes: jax.Array, absmax: jax.Array) -> jax.Array:
