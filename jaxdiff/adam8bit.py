@@ -25,6 +25,9 @@ Memory: quantizing and dequantizing are float32 arithmetic on each element, with
 new moments each time: once to reduce them to their blocks' absmax, once to re-quantize them and take the Adam
 direction. So the float32 moments never exist for the whole model at once (benchmarks/optimizer_memory.py compiles
 the update for TPU against AdamW's). A third pass for the direction measured worse (SD 1.5's update on a v5p-8).
+Both passes compute on the blocked view of each tensor (the block axis split in two), where a block's absmax
+broadcasts: computed on the tensor's own shape, the absmax's repeat along the axis kept XLA for TPU from fusing it,
+and the update wrote each absmax out at every entry (SD 1.5's update on a v5p-8: 1.6x the bytes accessed).
 
 Versus bitsandbytes 0.50: the same maps (equal to 2e-7 relative: ours are float32 arithmetic, its are float32
 `linspace`), block size, absmax, quantization (the nearest map value, a tie to the lower one, as its reference torch
@@ -35,6 +38,7 @@ orders the Adam arithmetic as torch's AdamW where we follow `optax.scale_by_adam
 leaves do optax's arithmetic).
 """
 
+import functools
 from typing import Any, NamedTuple
 
 import jax
@@ -70,28 +74,53 @@ def _top(signed: bool) -> int:
 
 def _decade(i: jax.Array) -> jax.Array:
     """10**(i - 6) in float32 for integer arrays ``i`` in [0, 6] (clamped), by selects: exact, and fusible."""
-    value = jnp.full(i.shape, np.float32(1e-6))
+    return _by_decade(i, 10.0 ** np.arange(-6, 1))
+
+
+def _by_decade(i: jax.Array, table: np.ndarray) -> jax.Array:
+    """``table[i]`` (float32) for integer arrays ``i`` in [0, 6] (clamped): selects, not a gather, so it fuses."""
+    table = table.astype(np.float32)
+    value = jnp.full(i.shape, table[0])
     for k in range(1, 7):
-        value = jnp.where(i >= k, np.float32(10.0 ** (k - 6)), value)
+        value = jnp.where(i >= k, table[k], value)
     return value
+
+
+@functools.cache
+def _decade_edges(signed: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Per decade, the float32 midpoints between its first map value and the one below, and between its last and the
+    one above: the two that `_encode` cannot take within the decade."""
+    by_rank = dynamic_map(signed)[SIGNED_OFFSET - 1 :] if signed else dynamic_map(signed)  # 0 ... 1
+    shift = 0 if signed else 1
+    first = (1 << np.arange(7) + shift) - shift
+    last = (1 << np.arange(7) + shift + 1) - shift - 1
+    return (by_rank[first - 1] + by_rank[first]) / 2, (by_rank[last] + by_rank[last + 1]) / 2
 
 
 def _encode(normed: jax.Array, signed: bool) -> jax.Array:
     """Codes of the map values nearest to ``normed`` (in [-1, 1]; a tie goes to the lower value), elementwise.
 
     The decade and the equal step within it give a rank at most one off the nearest; comparing with the midpoints
-    to the neighbouring ranks settles it.
+    to the neighbouring values settles it. Within the decade the neighbours are the equal steps beside it (the
+    arithmetic of `_map_value`); across its edges, `_decade_edges`.
     """
     a = jnp.abs(normed)
     shift = 0 if signed else 1
     i = jnp.clip(jnp.floor(jnp.log10(a)) + 7, 0, 6).astype(jnp.int32)
     e = i + shift
     steps = (1 << e).astype(jnp.float32)
-    within = jnp.floor((a * (1 / _decade(i)) - np.float32(0.1)) * steps * np.float32(1 / 0.9))
-    p = (1 << e) - shift + jnp.clip(within, 0, steps - 1).astype(jnp.int32)
-    value = _map_value(p, signed)
-    lower = (_map_value(p - 1, signed) + value) / 2
-    upper = (value + _map_value(p + 1, signed)) / 2  # p < _top: the decade's steps end one below it
+    scale = _decade(i)
+    j = jnp.clip(jnp.floor((a * (1 / scale) - np.float32(0.1)) * steps * np.float32(1 / 0.9)), 0, steps - 1)
+    step = jax.lax.bitcast_convert_type((127 - e) << 23, jnp.float32) * np.float32(0.9)  # 0.9 / 2**e, exact
+
+    def value(k: jax.Array) -> jax.Array:  # the decade's k-th value, as `_map_value` computes it
+        return scale * (np.float32(0.1) + (k + np.float32(0.5)) * step)
+
+    here = value(j)
+    below, above = _decade_edges(signed)
+    lower = jnp.where(j > 0, (value(j - 1) + here) / 2, _by_decade(i, below))
+    upper = jnp.where(j < steps - 1, (here + value(j + 1)) / 2, _by_decade(i, above))
+    p = (1 << e) - shift + j.astype(jnp.int32)
     negative = normed < 0  # ties go to the lower value: the larger magnitude when negative
     p = p - jnp.where(negative, a < lower, a <= lower) + jnp.where(negative, a >= upper, a > upper)
     if not signed:  # a positive second moment never becomes 0 (see the module docstring)
@@ -117,7 +146,8 @@ def dynamic_map(signed: bool) -> np.ndarray:
     negative value is about -0.993). Entry c + `SIGNED_OFFSET` (signed) or c (unsigned) is what code c stands for.
     """
     codes = np.arange(-128, 128, dtype=np.int8) if signed else np.arange(256, dtype=np.uint8)
-    return np.asarray(jax.jit(_decode)(jnp.asarray(codes)))
+    with jax.ensure_compile_time_eval():  # values, also when first called inside a trace (`_decade_edges`)
+        return np.asarray(jax.jit(_decode)(jnp.asarray(codes)))
 
 
 def block_axis(shape: tuple[int, ...]) -> int:
@@ -136,38 +166,59 @@ def _absmax_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
     return (*shape[:axis], -(-shape[axis] // BLOCK_SIZE), *shape[axis + 1 :])
 
 
-def _expand(absmax: jax.Array, shape: tuple[int, ...]) -> jax.Array:
-    """Each block's absmax at every entry of the block: an array of ``shape`` (XLA fuses it into its consumer)."""
-    axis = block_axis(shape)
-    return jax.lax.slice_in_dim(jnp.repeat(absmax, BLOCK_SIZE, axis=axis), 0, shape[axis], axis=axis)
-
-
-def _block_absmax(x: jax.Array) -> jax.Array:
-    """The largest magnitude in each block of float32 ``x`` (`_absmax_shape`); a short last block is zero-padded."""
+def _blocked(x: jax.Array) -> jax.Array:
+    """``x`` viewed as its blocks: the block axis split into (blocks, `BLOCK_SIZE`), a short last block padded with
+    the zero value (0; the code of 0 for int8 codes); an axis of one block is (1, its length). A reshape unless
+    padded."""
     axis = block_axis(x.shape)
-    blocks = -(-x.shape[axis] // BLOCK_SIZE)
-    padded = jnp.pad(x, [(0, blocks * BLOCK_SIZE - x.shape[axis]) if a == axis else (0, 0) for a in range(x.ndim)])
-    split = padded.reshape(*x.shape[:axis], blocks, BLOCK_SIZE, *x.shape[axis + 1 :])
-    return jnp.max(jnp.abs(split), axis=axis + 1)
+    size = min(x.shape[axis], BLOCK_SIZE)
+    pad = -x.shape[axis] % size
+    if pad:
+        zero = -1 if x.dtype == jnp.int8 else 0  # int8 code -1 is the signed map's 0
+        x = jnp.pad(x, [(0, pad) if a == axis else (0, 0) for a in range(x.ndim)], constant_values=zero)
+    return x.reshape(*x.shape[:axis], -1, size, *x.shape[axis + 1 :])
 
 
-def _codes(x: jax.Array, absmax: jax.Array, signed: bool) -> jax.Array:
-    """The codes of ``x`` scaled by its blocks' ``absmax``."""
-    scale = _expand(absmax, x.shape)
-    return _encode(jnp.clip(x * (1.0 / jnp.where(scale > 0, scale, 1.0)), -1.0, 1.0), signed)
+def _unblocked(y: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """The inverse of `_blocked`: blocks of ``y`` back to a tensor of ``shape``."""
+    axis = block_axis(shape)
+    y = y.reshape(*shape[:axis], -1, *shape[axis + 1 :])
+    return jax.lax.slice_in_dim(y, 0, shape[axis], axis=axis)
+
+
+def _block_absmax(blocks: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """The largest magnitude in each block of float32 ``blocks`` (`_blocked` of a tensor of ``shape``)."""
+    return jnp.max(jnp.abs(blocks), axis=block_axis(shape) + 1)
+
+
+def _scale(absmax: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """``absmax`` broadcastable against the blocks of a tensor of ``shape``."""
+    return jnp.expand_dims(absmax, block_axis(shape) + 1)
+
+
+def _codes(blocks: jax.Array, absmax: jax.Array, shape: tuple[int, ...], signed: bool) -> jax.Array:
+    """The codes (a tensor of ``shape``) of float32 ``blocks`` scaled by their ``absmax``."""
+    scale = _scale(absmax, shape)
+    normed = jnp.clip(blocks * (1.0 / jnp.where(scale > 0, scale, 1.0)), -1.0, 1.0)
+    return _unblocked(_encode(normed, signed), shape)
 
 
 def quantize_blockwise(x: jax.Array, signed: bool) -> tuple[jax.Array, jax.Array]:
     """Codes (int8 if ``signed`` else uint8, ``x``'s shape) and float32 absmax per block of ``x``: the nearest map
     value, except that a positive unsigned value (Adam's second moment) keeps at least the smallest positive one."""
-    x = x.astype(jnp.float32)
-    absmax = _block_absmax(x)
-    return _codes(x, absmax, signed), absmax
+    blocks = _blocked(x.astype(jnp.float32))
+    absmax = _block_absmax(blocks, x.shape)
+    return _codes(blocks, absmax, x.shape, signed), absmax
+
+
+def _values(blocks: jax.Array, absmax: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """The float32 values of code ``blocks`` (`_blocked` codes of a tensor of ``shape``) and their ``absmax``."""
+    return _decode(blocks) * _scale(absmax, shape)
 
 
 def dequantize_blockwise(codes: jax.Array, absmax: jax.Array) -> jax.Array:
     """The float32 values that ``codes`` (int8: signed map, uint8: unsigned map) and their ``absmax`` stand for."""
-    return _decode(codes) * _expand(absmax, codes.shape)
+    return _unblocked(_values(_blocked(codes), absmax, codes.shape), codes.shape)
 
 
 class ScaleByAdam8bitState(NamedTuple):
@@ -208,28 +259,34 @@ def scale_by_adam8bit(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> 
         del params
         count_inc = optax.safe_increment(state.count)
 
-        def moments(g: jax.Array, mu: jax.Array, nu: jax.Array, mu_absmax: jax.Array, nu_absmax: jax.Array):
-            def load(stored: jax.Array, absmax: jax.Array) -> jax.Array:
-                return stored if stored.dtype == jnp.float32 else dequantize_blockwise(stored, absmax)
-
-            m = optax.tree.update_moment(g, load(mu, mu_absmax), b1, 1)
-            return m, optax.tree.update_moment_per_elem_norm(g, load(nu, nu_absmax), b2, 2)
-
-        def leaf(g: jax.Array, *stored: jax.Array) -> tuple[jax.Array, tuple[jax.Array, ...]]:
-            m, v = moments(g, *stored)
-            if stored[0].dtype == jnp.float32:
-                new = (m, v, *stored[2:])
-            else:
-                # Two passes over the 8-bit moments and the gradient, each computing the new float32 moments: the
-                # first reduces them to their blocks' absmax, the second (behind a barrier, so that XLA cannot keep
-                # the first pass's) re-quantizes them and takes the Adam direction. No parameter's float32 moments
-                # outlive its update, whatever order XLA runs the parameters in.
-                absmax = (_block_absmax(m), _block_absmax(v))
-                m, v = moments(*jax.lax.optimization_barrier((g, *stored)))
-                new = (_codes(m, absmax[0], signed=True), _codes(v, absmax[1], signed=False), *absmax)
+        def direction(m: jax.Array, v: jax.Array) -> jax.Array:
             m_hat = optax.tree.bias_correction(m, b1, count_inc)
             v_hat = optax.tree.bias_correction(v, b2, count_inc)
-            return m_hat / (jnp.sqrt(v_hat) + eps), new
+            return m_hat / (jnp.sqrt(v_hat) + eps)
+
+        def leaf(g: jax.Array, *stored: jax.Array) -> tuple[jax.Array, tuple[jax.Array, ...]]:
+            if stored[0].dtype == jnp.float32:
+                m = optax.tree.update_moment(g, stored[0], b1, 1)
+                v = optax.tree.update_moment_per_elem_norm(g, stored[1], b2, 2)
+                return direction(m, v), (m, v, *stored[2:])
+
+            def moments(g: jax.Array, mu: jax.Array, nu: jax.Array, mu_absmax: jax.Array, nu_absmax: jax.Array):
+                """The new float32 moments, as blocks, from the blocks (`_blocked`) of the gradient and codes."""
+                m = optax.tree.update_moment(g, _values(mu, mu_absmax, shape), b1, 1)
+                return m, optax.tree.update_moment_per_elem_norm(g, _values(nu, nu_absmax, shape), b2, 2)
+
+            # Two passes over the 8-bit moments and the gradient, each computing the new float32 moments: the first
+            # reduces them to their blocks' absmax, the second (behind a barrier, so that XLA cannot keep the first
+            # pass's) re-quantizes them and takes the Adam direction. No parameter's float32 moments outlive its
+            # update, whatever order XLA runs the parameters in. Both work on the blocks, which the barrier holds:
+            # behind it a reshape of the codes would keep XLA from fusing the absmax's broadcast into the passes.
+            shape = g.shape
+            blocks = (_blocked(g), _blocked(stored[0]), _blocked(stored[1]), *stored[2:])
+            m, v = moments(*blocks)
+            absmax = (_block_absmax(m, shape), _block_absmax(v, shape))
+            m, v = moments(*jax.lax.optimization_barrier(blocks))
+            new = (_codes(m, absmax[0], shape, signed=True), _codes(v, absmax[1], shape, signed=False), *absmax)
+            return _unblocked(direction(m, v), shape), new
 
         stored = (state.mu, state.nu, state.mu_absmax, state.nu_absmax)
         pairs = jax.tree.map(leaf, updates, *stored)
