@@ -61,10 +61,18 @@ def _map_value(p: jax.Array, signed: bool) -> jax.Array:
     """
     t = p + (0 if signed else 1)
     e = (jax.lax.bitcast_convert_type(t.astype(jnp.float32), jnp.int32) >> 23) - 127  # floor(log2 t), exact
-    scale = _decade(e - (0 if signed else 1))
-    step = jax.lax.bitcast_convert_type((127 - e) << 23, jnp.float32) * np.float32(0.9)  # 0.9 / 2**e, exact
-    value = scale * (np.float32(0.1) + ((t - (1 << e)).astype(jnp.float32) + np.float32(0.5)) * step)
+    value = _in_decade(_decade(e - (0 if signed else 1)), _step(e), (t - (1 << e)).astype(jnp.float32))
     return jnp.where(p == 0, np.float32(0), jnp.where(p == _top(signed), np.float32(1), value))
+
+
+def _step(e: jax.Array) -> jax.Array:
+    """0.9 / 2**e in float32 for integer arrays ``e`` in [0, 7]: exact (the exponent bits, then one product)."""
+    return jax.lax.bitcast_convert_type((127 - e) << 23, jnp.float32) * np.float32(0.9)
+
+
+def _in_decade(scale: jax.Array, step: jax.Array, j: jax.Array) -> jax.Array:
+    """The ``j``-th (float32) of the equal-``step`` midpoints of [0.1, 1] times the decade's ``scale``."""
+    return scale * (np.float32(0.1) + (j + np.float32(0.5)) * step)
 
 
 def _top(signed: bool) -> int:
@@ -90,7 +98,8 @@ def _by_decade(i: jax.Array, table: np.ndarray) -> jax.Array:
 def _decade_edges(signed: bool) -> tuple[np.ndarray, np.ndarray]:
     """Per decade, the float32 midpoints between its first map value and the one below, and between its last and the
     one above: the two that `_encode` cannot take within the decade."""
-    by_rank = dynamic_map(signed)[SIGNED_OFFSET - 1 :] if signed else dynamic_map(signed)  # 0 ... 1
+    values = dynamic_map(signed)
+    by_rank = values[SIGNED_OFFSET - 1 :] if signed else values  # 0 ... 1
     shift = 0 if signed else 1
     first = (1 << np.arange(7) + shift) - shift
     last = (1 << np.arange(7) + shift + 1) - shift - 1
@@ -111,15 +120,11 @@ def _encode(normed: jax.Array, signed: bool) -> jax.Array:
     steps = (1 << e).astype(jnp.float32)
     scale = _decade(i)
     j = jnp.clip(jnp.floor((a * (1 / scale) - np.float32(0.1)) * steps * np.float32(1 / 0.9)), 0, steps - 1)
-    step = jax.lax.bitcast_convert_type((127 - e) << 23, jnp.float32) * np.float32(0.9)  # 0.9 / 2**e, exact
-
-    def value(k: jax.Array) -> jax.Array:  # the decade's k-th value, as `_map_value` computes it
-        return scale * (np.float32(0.1) + (k + np.float32(0.5)) * step)
-
-    here = value(j)
+    step = _step(e)
+    here = _in_decade(scale, step, j)
     below, above = _decade_edges(signed)
-    lower = jnp.where(j > 0, (value(j - 1) + here) / 2, _by_decade(i, below))
-    upper = jnp.where(j < steps - 1, (here + value(j + 1)) / 2, _by_decade(i, above))
+    lower = jnp.where(j > 0, (_in_decade(scale, step, j - 1) + here) / 2, _by_decade(i, below))
+    upper = jnp.where(j < steps - 1, (here + _in_decade(scale, step, j + 1)) / 2, _by_decade(i, above))
     p = (1 << e) - shift + j.astype(jnp.int32)
     negative = normed < 0  # ties go to the lower value: the larger magnitude when negative
     p = p - jnp.where(negative, a < lower, a <= lower) + jnp.where(negative, a >= upper, a > upper)
@@ -264,27 +269,29 @@ def scale_by_adam8bit(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> 
             v_hat = optax.tree.bias_correction(v, b2, count_inc)
             return m_hat / (jnp.sqrt(v_hat) + eps)
 
+        def moments(g: jax.Array, mu: jax.Array, nu: jax.Array) -> tuple[jax.Array, jax.Array]:
+            """Adam's new float32 moments from the gradient and the previous ones."""
+            return optax.tree.update_moment(g, mu, b1, 1), optax.tree.update_moment_per_elem_norm(g, nu, b2, 2)
+
         def leaf(g: jax.Array, *stored: jax.Array) -> tuple[jax.Array, tuple[jax.Array, ...]]:
             if stored[0].dtype == jnp.float32:
-                m = optax.tree.update_moment(g, stored[0], b1, 1)
-                v = optax.tree.update_moment_per_elem_norm(g, stored[1], b2, 2)
+                m, v = moments(g, *stored[:2])
                 return direction(m, v), (m, v, *stored[2:])
+            shape = g.shape
 
-            def moments(g: jax.Array, mu: jax.Array, nu: jax.Array, mu_absmax: jax.Array, nu_absmax: jax.Array):
-                """The new float32 moments, as blocks, from the blocks (`_blocked`) of the gradient and codes."""
-                m = optax.tree.update_moment(g, _values(mu, mu_absmax, shape), b1, 1)
-                return m, optax.tree.update_moment_per_elem_norm(g, _values(nu, nu_absmax, shape), b2, 2)
+            def block_moments(g: jax.Array, mu: jax.Array, nu: jax.Array, mu_absmax: jax.Array, nu_absmax: jax.Array):
+                """The new moments, as blocks, from the blocks (`_blocked`) of the gradient and codes."""
+                return moments(g, _values(mu, mu_absmax, shape), _values(nu, nu_absmax, shape))
 
             # Two passes over the 8-bit moments and the gradient, each computing the new float32 moments: the first
             # reduces them to their blocks' absmax, the second (behind a barrier, so that XLA cannot keep the first
             # pass's) re-quantizes them and takes the Adam direction. No parameter's float32 moments outlive its
             # update, whatever order XLA runs the parameters in. Both work on the blocks, which the barrier holds:
             # behind it a reshape of the codes would keep XLA from fusing the absmax's broadcast into the passes.
-            shape = g.shape
             blocks = (_blocked(g), _blocked(stored[0]), _blocked(stored[1]), *stored[2:])
-            m, v = moments(*blocks)
+            m, v = block_moments(*blocks)
             absmax = (_block_absmax(m, shape), _block_absmax(v, shape))
-            m, v = moments(*jax.lax.optimization_barrier(blocks))
+            m, v = block_moments(*jax.lax.optimization_barrier(blocks))
             new = (_codes(m, absmax[0], shape, signed=True), _codes(v, absmax[1], shape, signed=False), *absmax)
             return _unblocked(direction(m, v), shape), new
 
